@@ -1,0 +1,32 @@
+"""Shared test fixtures: where the real data and the real checkpoint live, and skips when absent."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SMOLLM2_TOOL = SHARED / "tools" / "get-smollm2.sh"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data: real benchmark rows in the hub's schema (never copied into the repo)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real benchmark rows not found at {SHARED_DATA} (a checkout without ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint in hub layout, built offline by ../shared/tools."""
+    if os.environ.get("MSFT_SMOLLM2"):
+        return Path(os.environ["MSFT_SMOLLM2"])
+    if not SMOLLM2_TOOL.is_file():
+        pytest.skip(f"{SMOLLM2_TOOL} not found: cannot build the real checkpoint here")
+    run = subprocess.run(["bash", str(SMOLLM2_TOOL)], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"{SMOLLM2_TOOL} failed (exit {run.returncode}): {run.stderr[-500:]}")
+    return Path(run.stdout.strip().splitlines()[-1])
