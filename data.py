@@ -1,0 +1,578 @@
+"""The data side of mSFT: ten benchmark converters, mixture folders, prompts, tokenization and the mixture sampler.
+
+Make a mixture folder (OUT/manifest.json and OUT/<task>/{train,selection,test}.jsonl):
+
+    python data.py prepare --source ../shared/data --out mixture          # local DIR/<task>/<split>.jsonl, hub schema
+    python data.py prepare --source hub --out mixture --tasks gsm8k sciq  # from the hub (needs `pip install datasets`)
+
+Split policy (per task, deterministic from --seed): every available labelled split is converted; if the hub's own
+test split has at least --test rows, our test split is drawn from it alone and its other rows are never used
+(official test rows stay out of training); otherwise all splits are pooled and test is cut from the pool first.
+Then selection, then train, are cut from the (shuffled) pool. A task with fewer rows than asked gets a smaller
+train split, with a warning and a `short` note in the manifest; one that cannot fill every split is an error.
+The hub test splits of commonsense_qa, hellaswag, winogrande and medmcqa carry no labels and are skipped.
+
+Training text (the official code's format): prompt `Q: {question}\noptions: A. x, B. y\nA:` and target ` #### B`,
+or ` {rationale} #### {answer}` for rationale tasks; the loss is on the target and EOS only. Over-long examples
+(prompt + target + EOS > max_len tokens) are dropped from training and counted, never truncated.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+TASKS = ("commonsense_qa", "openbookqa", "aqua_rat", "gsm8k", "sciq",
+         "arc_easy", "hellaswag", "winogrande", "boolq", "medmcqa")
+HUB = {  # task -> (hub id, config), SPEC section 7
+    "commonsense_qa": ("tau/commonsense_qa", None),
+    "openbookqa": ("allenai/openbookqa", "main"),
+    "aqua_rat": ("deepmind/aqua_rat", "raw"),
+    "gsm8k": ("openai/gsm8k", "main"),
+    "sciq": ("allenai/sciq", None),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "hellaswag": ("Rowan/hellaswag", None),
+    "winogrande": ("allenai/winogrande", "winogrande_debiased"),
+    "boolq": ("google/boolq", None),
+    "medmcqa": ("openlifescienceai/medmcqa", None),
+}
+UNLABELLED_TEST = {"commonsense_qa", "hellaswag", "winogrande", "medmcqa"}  # the hub hides these test answers
+HUB_SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "selection", "test")  # the splits of a mixture folder
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# -----------------------------------------------------------------------------
+# one example and how it is written
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str                              # a choice letter when there are choices, else the answer text
+    choices: tuple[str, ...] | None = None
+    rationale: str | None = None
+
+    def __post_init__(self):
+        # every converter, reader and test builds examples through here, so bad rows fail in one place
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"question must be a non-empty string, got {self.question!r}")
+        if not isinstance(self.answer, str) or not self.answer.strip():
+            raise ValueError(f"answer must be a non-empty string, got {self.answer!r}")
+        if self.rationale is not None and (not isinstance(self.rationale, str) or not self.rationale.strip()):
+            raise ValueError(f"rationale must be a non-empty string or absent, got {self.rationale!r}")
+        if self.choices is not None:
+            if (not isinstance(self.choices, tuple) or not 2 <= len(self.choices) <= len(LETTERS)
+                    or not all(isinstance(c, str) and c.strip() for c in self.choices)):
+                raise ValueError(f"choices must be 2 to 26 non-empty strings, got {self.choices!r}")
+            if self.answer not in LETTERS[:len(self.choices)]:
+                raise ValueError(f"answer {self.answer!r} is not one of the choice letters "
+                                 f"A-{LETTERS[len(self.choices) - 1]}")
+
+
+def format_prompt(ex: Example) -> str:
+    options = ""
+    if ex.choices is not None:
+        options = "\noptions: " + ", ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices))
+    return f"Q: {ex.question}{options}\nA:"
+
+
+def format_target(ex: Example) -> str:
+    return f" {ex.rationale} #### {ex.answer}" if ex.rationale is not None else f" #### {ex.answer}"
+
+
+# -----------------------------------------------------------------------------
+# reading rows and converting them, one small converter per benchmark
+
+def read_jsonl(path) -> list[dict]:
+    """One JSON object per line. Blank lines only at the end, so row i is always line i + 1 in error messages."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{n}: empty line (expected one JSON object per line)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _labelled(question, row):
+    # commonsense_qa, openbookqa, arc_easy: choices {text, label} + answerKey; arc's labels 1-5 become A-E by position
+    text, labels = row["choices"]["text"], row["choices"]["label"]
+    if len(text) != len(labels):
+        raise ValueError(f"{len(text)} choice texts but {len(labels)} labels")
+    if row["answerKey"] not in labels:
+        raise ValueError(f"answerKey {row['answerKey']!r} is not one of the labels {labels}")
+    return Example(question, LETTERS[labels.index(row["answerKey"])], tuple(text))
+
+
+def _aqua_rat(row):
+    # options look like "A)21"; the letters must run A, B, C... so position and letter agree
+    choices = []
+    for i, option in enumerate(row["options"]):
+        if not option.startswith(f"{LETTERS[i]})"):
+            raise ValueError(f"option {i} {option!r} does not start with '{LETTERS[i]})'")
+        choices.append(option[2:].strip())
+    return Example(row["question"], row["correct"], tuple(choices), row["rationale"].strip())
+
+
+def _gsm8k(row):
+    if "####" not in row["answer"]:
+        raise ValueError(f"answer has no '#### N' line: {row['answer'][-80:]!r}")
+    rationale, answer = row["answer"].rsplit("####", 1)
+    # some answers carry thousands commas (1,080): train on the plain number so it parses as one
+    return Example(row["question"], answer.strip().replace(",", ""), None, rationale.strip())
+
+
+def _sciq(row):
+    choices = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+    # a per-question seed (not python's salted hash) so the correct letter varies yet never changes between runs
+    random.Random(hashlib.sha256(row["question"].encode()).hexdigest()).shuffle(choices)
+    return Example(row["question"], LETTERS[choices.index(row["correct_answer"])], tuple(choices))
+
+
+def _position(label, n, first=0):
+    # hub labels are ints or digit strings ("0".."3", winogrande "1"/"2"); `first` is the label of the first choice
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if type(label) is not int or label - first not in range(n):
+        raise ValueError(f"label {label!r} is outside the {n} choices (numbered from {first})")
+    return LETTERS[label - first]
+
+
+def _hellaswag(row):
+    return Example(row["ctx"], _position(row["label"], len(row["endings"])), tuple(row["endings"]))
+
+
+def _winogrande(row):
+    return Example(row["sentence"], _position(row["answer"], 2, first=1), (row["option1"], row["option2"]))
+
+
+def _medmcqa(row):
+    return Example(row["question"], _position(row["cop"], 4), (row["opa"], row["opb"], row["opc"], row["opd"]))
+
+
+def _boolq(row):
+    if not isinstance(row["answer"], bool):
+        raise ValueError(f"answer must be true/false, got {row['answer']!r}")
+    return Example(f"{row['passage']}\n{row['question']}?", "yes" if row["answer"] else "no")
+
+
+CONVERTERS = {
+    "commonsense_qa": lambda r: _labelled(r["question"], r),
+    "openbookqa": lambda r: _labelled(r["question_stem"], r),
+    "aqua_rat": _aqua_rat,
+    "gsm8k": _gsm8k,
+    "sciq": _sciq,
+    "arc_easy": lambda r: _labelled(r["question"], r),
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "boolq": _boolq,
+    "medmcqa": _medmcqa,
+}
+assert set(CONVERTERS) == set(TASKS)
+
+
+def convert(task: str, row: dict) -> Example:
+    """A hub row of one of the ten benchmarks (SPEC section 7) -> Example."""
+    if task not in CONVERTERS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    return CONVERTERS[task](row)
+
+
+def from_plain(row: dict) -> Example:
+    """A row in the plain schema of users' own tasks and of mixture folders: question, answer, choices?, rationale?"""
+    extra = set(row) - {"question", "answer", "choices", "rationale", "id"}
+    if extra:
+        raise ValueError(f"unexpected fields {sorted(extra)}: expected question, answer, choices, rationale (and id)")
+    choices = row.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise ValueError(f"choices must be a list of strings, got {choices!r}")
+    return Example(row["question"], row["answer"], None if choices is None else tuple(choices), row.get("rationale"))
+
+
+def _convert_rows(task, rows, where) -> list[Example]:
+    # task None = the plain schema; where names the file (or hub split) so errors read where:row
+    out = []
+    for n, row in enumerate(rows, 1):
+        try:
+            out.append(from_plain(row) if task is None else convert(task, row))
+        except KeyError as e:
+            raise ValueError(f"{where}:{n}: missing field {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{where}:{n}: {e}") from None
+    return out
+
+
+# -----------------------------------------------------------------------------
+# mixture folders: prepare (hub or local rows -> OUT/<task>/<split>.jsonl + manifest.json) and load
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
+
+
+def _hub_splits(task) -> dict[str, tuple[str, list[dict]]]:
+    try:
+        import datasets  # optional: only this path needs it
+    except ImportError:
+        raise ImportError("--source hub needs the `datasets` library: pip install datasets "
+                          "(or pass --source DIR with DIR/<task>/<split>.jsonl rows in the hub's schema)") from None
+    hub_id, config = HUB[task]
+    ds = datasets.load_dataset(hub_id, config)
+    return {s: (f"{hub_id}[{s}]", [dict(r) for r in ds[s]]) for s in HUB_SPLITS if s in ds}
+
+
+def _dir_splits(folder: Path) -> dict[str, tuple[str, list[dict]]]:
+    unknown = sorted(f.name for f in folder.glob("*.jsonl") if f.stem not in HUB_SPLITS)
+    if unknown:
+        raise ValueError(f"{folder}: unexpected files {unknown}: expected train.jsonl, validation.jsonl, test.jsonl")
+    files = [folder / f"{s}.jsonl" for s in HUB_SPLITS if (folder / f"{s}.jsonl").is_file()]
+    if not files:
+        raise ValueError(f"{folder}: no train.jsonl, validation.jsonl or test.jsonl")
+    splits = {f.stem: (str(f), read_jsonl(f)) for f in files}
+    for where, rows in splits.values():
+        if not rows:
+            raise ValueError(f"{where}: empty split (no rows)")
+    return splits
+
+
+def prepare(source: str, out, tasks=None, n_train=1800, n_selection=200, n_test=500, seed=20) -> dict:
+    """Build a mixture folder (policy in the module docstring); returns the manifest."""
+    for flag, n in (("--train", n_train), ("--selection", n_selection), ("--test", n_test)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+    if source == "hub":
+        names = list(tasks or TASKS)
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown task {unknown[0]!r} for --source hub: "
+                             f"expected one of {', '.join(TASKS)}")
+    else:
+        root = Path(source).resolve()
+        if not root.is_dir():
+            raise ValueError(f"--source {source!r}: expected 'hub' or a folder of <task>/<split>.jsonl")
+        names = list(tasks) if tasks else sorted(p.name for p in root.iterdir() if p.is_dir())
+        missing = [t for t in names if not (root / t).is_dir()]
+        if missing:
+            raise ValueError(f"--tasks: unknown task {missing[0]!r}: no folder {root / missing[0]}")
+        if not names:
+            raise ValueError(f"--source {source!r}: no task folders in it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tasks: a task is named twice in {names}")
+
+    out = Path(out)
+    manifest = {"source": source if source == "hub" else str(root), "seed": seed,
+                "asked": {"train": n_train, "selection": n_selection, "test": n_test}, "tasks": {}}
+    for task in names:
+        splits = _hub_splits(task) if source == "hub" else _dir_splits(root / task)
+        entry = {"schema": task if task in TASKS else "plain", "sources": [], "skipped": []}
+        examples = {}
+        for split, (where, rows) in splits.items():
+            if split == "test" and task in UNLABELLED_TEST:
+                entry["skipped"].append({"source": where, "rows": len(rows),
+                                         "why": "the hub's test split has no labels"})
+                continue
+            examples[split] = _convert_rows(task if task in TASKS else None, rows, where)
+            entry["sources"].append({"source": where, "rows": len(rows)})
+        total = sum(len(exs) for exs in examples.values())
+        # the hub's test rows, when enough, are the test split and nothing else; otherwise everything is one pool
+        hub_test = examples.pop("test") if len(examples.get("test", ())) >= n_test else []
+        random.Random(f"{seed}:{task}:test").shuffle(hub_test)
+        pool = [ex for split in HUB_SPLITS for ex in examples.get(split, ())]
+        random.Random(f"{seed}:{task}:pool").shuffle(pool)
+        test, pool = (hub_test[:n_test], pool) if hub_test else (pool[:n_test], pool[n_test:])
+        entry["test_from"] = "the hub's test split" if hub_test else "the pooled splits"
+        parts = {"train": pool[n_selection:n_selection + n_train], "selection": pool[:n_selection], "test": test}
+        if len(test) < n_test or len(parts["selection"]) < n_selection or not parts["train"]:
+            raise ValueError(f"{task}: only {total} labelled rows: cannot fill test {n_test} + selection "
+                             f"{n_selection} + train; pass smaller --test/--selection")
+        if len(parts["train"]) < n_train:
+            entry["short"] = f"asked for train {n_train}, only {len(parts['train'])} rows left after test and selection"
+            warnings.warn(f"{task}: {entry['short']}", stacklevel=2)
+        entry["sizes"] = {s: len(parts[s]) for s in SPLITS}
+        (out / task).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            lines = [json.dumps({"question": ex.question, "answer": ex.answer,
+                                 "choices": None if ex.choices is None else list(ex.choices),
+                                 "rationale": ex.rationale}, ensure_ascii=False) for ex in parts[split]]
+            _write_atomic(out / task / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+        manifest["tasks"][task] = entry
+    # written last: a folder with a manifest is a finished one
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def load_mixture(folder, tasks=None) -> dict[str, dict[str, list[Example]]]:
+    """task -> split -> examples, every row validated against the plain schema and the manifest's sizes."""
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise ValueError(f"{folder}: no manifest.json (make the folder with `python data.py prepare`)")
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    known = list(manifest["tasks"])
+    for t in tasks or ():
+        if t not in known:
+            raise ValueError(f"unknown task {t!r}: the mixture {folder} has {', '.join(known)}")
+    mixture = {}
+    for task in tasks or known:
+        mixture[task] = {}
+        for split in SPLITS:
+            path = folder / task / f"{split}.jsonl"
+            exs = _convert_rows(None, read_jsonl(path), path)
+            if not exs:
+                raise ValueError(f"{path}: empty split (every task needs train, selection and test rows)")
+            if len(exs) != manifest["tasks"][task]["sizes"][split]:
+                raise ValueError(f"{path}: {len(exs)} rows but the manifest says "
+                                 f"{manifest['tasks'][task]['sizes'][split]}")
+            mixture[task][split] = exs
+    return mixture
+
+
+# -----------------------------------------------------------------------------
+# tokenization
+
+def load_tokenizer(model_dir) -> tuple[Tokenizer, int]:
+    """(tokenizer from tokenizer.json, eos id from config.json eos_token_id or tokenizer_config.json eos_token)."""
+    model_dir = Path(model_dir)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None  # several stop ids (llama 3 instruct): the first is the end of text
+    if eos is None and (model_dir / "tokenizer_config.json").is_file():
+        name = json.loads((model_dir / "tokenizer_config.json").read_text()).get("eos_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        eos = tok.token_to_id(name) if isinstance(name, str) else None
+    if not isinstance(eos, int) or not 0 <= eos < tok.get_vocab_size():
+        raise ValueError(f"{model_dir}: no usable eos id (config.json eos_token_id or tokenizer_config.json eos_token)")
+    return tok, eos
+
+
+def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
+    # special tokens on, as HF's tokenizer() does: a BOS where the model's post-processor adds one (evaluation too)
+    return [e.ids for e in tok.encode_batch(prompts)]
+
+
+def encode_examples(tok, eos_id, examples, max_len) -> list[tuple[list[int], list[int]] | None]:
+    """Per example (ids, labels with -100 on the prompt), or None when prompt + target + EOS exceed max_len."""
+    prompts = encode_prompts(tok, [format_prompt(ex) for ex in examples])
+    # the target is encoded apart so the mask boundary is exact; it opens with a space, so BPE splits there anyway
+    targets = [e.ids + [eos_id] for e in tok.encode_batch([format_target(ex) for ex in examples],
+                                                          add_special_tokens=False)]
+    return [(p + t, [-100] * len(p) + t) if len(p) + len(t) <= max_len else None for p, t in zip(prompts, targets)]
+
+
+def encode_example(tok, eos_id, ex, max_len) -> tuple[list[int], list[int]] | None:
+    return encode_examples(tok, eos_id, [ex], max_len)[0]
+
+
+# -----------------------------------------------------------------------------
+# the mixture sampler
+
+class MixtureSampler:
+    """Global batches of (task, index) over the active tasks, identical for every world size.
+
+    Plain mode: pass k is a seeded permutation of every item of every task; draws walk it and skip inactive
+    tasks, so each active example comes exactly once per pass and exclusion takes effect at the next draw.
+    Weighted mode (set_weights): each slot picks task i with probability w_i / sum(w over active tasks), then
+    the next example of that task's own seeded cycle (no repeats within a task until it is used up).
+    epoch = examples drawn / size of the active mixture, re-based whenever the active set changes.
+    The random streams are keyed by (seed, pass or step), so the state is a handful of counters: plain JSON.
+    """
+
+    def __init__(self, sizes: dict[str, int], global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes.values()):
+            raise ValueError(f"sizes must give every task a positive number of examples, got {sizes}")
+        if not isinstance(world_size, int) or world_size < 1 or rank not in range(world_size):
+            raise ValueError(f"rank {rank} of world_size {world_size}: expected 0 <= rank < world_size")
+        if not isinstance(global_batch, int) or global_batch < 1 or global_batch % world_size:
+            raise ValueError(f"global_batch {global_batch} must be a positive multiple of world_size {world_size}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.sizes, self.global_batch, self.seed = dict(sizes), global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.tasks = sorted(sizes)
+        self.items = [(t, i) for t in self.tasks for i in range(sizes[t])]  # item j of every pass permutation
+        self.active = tuple(self.tasks)
+        self.weights = None
+        self.step = 0                                # global batches drawn
+        self.pass_index, self.pass_pos = 0, 0        # plain mode: position in pass permutation pass_index
+        self.cursors = {t: [0, 0] for t in self.tasks}  # weighted mode: task -> [cycle, position]
+        self.epoch_base, self.consumed = 0.0, 0      # epoch = epoch_base + consumed / active size
+        self._perms = {}                             # cache: stream key -> permutation
+
+    def _perm(self, key: tuple, n: int):
+        if key not in self._perms:
+            # keep one permutation per stream (the pass, or one task's cycle): the newest
+            self._perms = {k: v for k, v in self._perms.items() if k[:-1] != key[:-1]}
+            self._perms[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+        return self._perms[key]
+
+    @property
+    def epoch(self) -> float:
+        n = sum(self.sizes[t] for t in self.active)
+        return self.epoch_base + (self.consumed / n if n else 0.0)
+
+    @epoch.setter
+    def epoch(self, value: float):  # e.g. after a roll-back to a checkpoint at a known epoch
+        self.epoch_base, self.consumed = float(value), 0
+
+    def set_active(self, tasks):
+        tasks = sorted(set(tasks))
+        unknown = [t for t in tasks if t not in self.sizes]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}: the sampler has {', '.join(self.tasks)}")
+        self.epoch_base, self.consumed = self.epoch, 0  # progress so far keeps its value; the unit changes
+        self.active = tuple(tasks)
+
+    def set_weights(self, weights: dict[str, float] | None):
+        if weights is not None:
+            unknown = [t for t in weights if t not in self.sizes]
+            if unknown:
+                raise ValueError(f"unknown task {unknown[0]!r} in weights: the sampler has {', '.join(self.tasks)}")
+            bad = {t: w for t, w in weights.items()
+                   if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+            if bad:
+                raise ValueError(f"weights must be finite and >= 0, got {bad}")
+            weights = {t: float(w) for t, w in sorted(weights.items())}
+        self.weights = weights
+
+    def next_batch(self) -> list[tuple[str, int]]:
+        """This rank's share (every world_size-th item from rank) of the next global batch."""
+        if not self.active:
+            raise ValueError("no active task left to sample from")
+        if self.weights is None:
+            batch, active = [], set(self.active)
+            while len(batch) < self.global_batch:
+                if self.pass_pos == len(self.items):
+                    self.pass_index, self.pass_pos = self.pass_index + 1, 0
+                item = self.items[self._perm((0, self.pass_index), len(self.items))[self.pass_pos]]
+                self.pass_pos += 1
+                if item[0] in active:
+                    batch.append(item)
+        else:
+            missing = [t for t in self.active if t not in self.weights]
+            if missing:
+                raise ValueError(f"active task {missing[0]!r} has no weight (set_weights must cover every active task)")
+            w = np.array([self.weights[t] for t in self.active])
+            if w.sum() <= 0:
+                raise ValueError(f"the active tasks {self.active} all have weight 0")
+            rng = np.random.default_rng([self.seed, 1, self.step])
+            picks = rng.choice(len(w), size=self.global_batch, p=w / w.sum())
+            batch = []
+            for k in picks:
+                task = self.active[k]
+                cycle, pos = self.cursors[task]
+                batch.append((task, int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])))
+                self.cursors[task] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+        self.step += 1
+        self.consumed += self.global_batch
+        return batch[self.rank::self.world_size]
+
+    def state_dict(self) -> dict:
+        return {"sizes": dict(self.sizes), "global_batch": self.global_batch, "seed": self.seed,
+                "active": list(self.active), "weights": self.weights, "step": self.step,
+                "pass_index": self.pass_index, "pass_pos": self.pass_pos,
+                "cursors": {t: list(c) for t, c in self.cursors.items()},
+                "epoch_base": self.epoch_base, "consumed": self.consumed}
+
+    def load_state_dict(self, d: dict):
+        # rank and world_size are not part of the state: a run may resume on a different number of ranks
+        for key in ("sizes", "global_batch", "seed"):
+            if d[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key} {d[key]!r} "
+                                 f"but this sampler was built with {getattr(self, key)!r}")
+        self.active = tuple(d["active"])
+        self.weights = d["weights"]
+        self.step, self.pass_index, self.pass_pos = d["step"], d["pass_index"], d["pass_pos"]
+        self.cursors = {t: list(c) for t, c in d["cursors"].items()}
+        self.epoch_base, self.consumed = d["epoch_base"], d["consumed"]
+
+
+# -----------------------------------------------------------------------------
+# batching: micro-batches grouped by length, then padded tensors
+
+def micro_batches(lengths: list[int], max_tokens: int, min_fill: float = 0.9) -> list[list[int]]:
+    """Split one rank's share of a global batch into micro-batches (lists of positions into `lengths`).
+
+    lengths are the rows as collate lays them out (len(ids) - 1). Longest first, a row joins the current
+    micro-batch while it stays within max_tokens padded tokens and at least min_fill of those are real; so the
+    whole step is at least min_fill real tokens. A row longer than max_tokens goes alone. The number of
+    micro-batches varies by step and by rank (under DDP only the last one all-reduces, so that is fine).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups, real = [], 0
+    for i in order:
+        if groups:
+            width, n = lengths[groups[-1][0]], len(groups[-1]) + 1  # the first member is the widest
+            if n * width <= max_tokens and real + lengths[i] >= min_fill * n * width:
+                groups[-1].append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, targets), both (B, T) with T = longest - 1: targets[b, t] is the token after idx[b, :t + 1],
+    -100 on prompts and padding (right padding, so causal attention never sees it before a real token)."""
+    T = max(len(ids) for ids, _ in encoded) - 1
+    idx = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(encoded), T), -100, dtype=torch.long)
+    for b, (ids, labels) in enumerate(encoded):
+        idx[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[b, :len(ids) - 1] = torch.tensor(labels[1:])
+    return idx, targets
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="mSFT data: make a mixture folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="convert benchmark rows into OUT/<task>/{train,selection,test}.jsonl")
+    # where the rows come from and where they go
+    p.add_argument("--source", required=True,
+                   help="'hub' (needs `pip install datasets`) or DIR with <task>/<split>.jsonl")
+    p.add_argument("--out", required=True, help="the mixture folder to write")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="tasks to include (default: all ten, or every folder of DIR)")
+    # split sizes per task (paper: 1,800 training examples per task)
+    p.add_argument("--train", type=int, default=1800, help="training examples per task")
+    p.add_argument("--selection", type=int, default=200, help="selection examples per task (mSFT's scores)")
+    p.add_argument("--test", type=int, default=500, help="test examples per task (reported numbers)")
+    p.add_argument("--seed", type=int, default=20, help="seed of every shuffle")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare(args.source, args.out, args.tasks, args.train, args.selection, args.test, args.seed)
+    except (ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    for task, entry in manifest["tasks"].items():
+        sizes = " ".join(f"{s} {n}" for s, n in entry["sizes"].items())
+        print(f"{task:16s} {sizes}  (test from {entry['test_from']})")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

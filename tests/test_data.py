@@ -1,0 +1,446 @@
+"""Pins data.py: the ten converters (real rows from ../shared/data, hand-made hub rows for aqua_rat, winogrande
+and medmcqa), the exact prompt/target text, the loss mask (decoded back to the target with the real SmolLM2
+tokenizer), the mixture sampler's properties (hypothesis), bad-input errors, `prepare` (manifest, policy,
+byte-for-byte determinism) and the padding figure on the real mixture (> 0.9 real tokens).
+
+Run: cd /work/main && python -m pytest -q tests/test_data.py
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import data
+from data import Example, LETTERS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def first_row(path, pred=lambda r: True):
+    return next(r for r in map(json.loads, open(path, encoding="utf-8")) if pred(r))
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# converters
+
+def test_converters_on_first_real_rows(shared_data):
+    # expected values written by hand from the first row of each file
+    row = first_row(shared_data / "commonsense_qa/train.jsonl")
+    assert data.convert("commonsense_qa", row) == Example(
+        "The sanctions against the school were a punishing blow, and they seemed to what the efforts the school "
+        "had made to change?", "A", ("ignore", "enforce", "authoritarian", "yell at", "avoid"))
+    row = first_row(shared_data / "openbookqa/train.jsonl")
+    assert data.convert("openbookqa", row) == Example("The sun is responsible for", "D", (
+        "puppies learning new tricks", "children growing up and getting old", "flowers wilting in a vase",
+        "plants sprouting, blooming and wilting"))
+    row = first_row(shared_data / "gsm8k/train.jsonl")
+    assert data.convert("gsm8k", row) == Example(
+        row["question"], "72", None, "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                                     "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.")
+    row = first_row(shared_data / "gsm8k/train.jsonl", lambda r: r["answer"].endswith("#### 1,080"))
+    assert data.convert("gsm8k", row).answer == "1080"
+    row = first_row(shared_data / "hellaswag/validation.jsonl")
+    assert data.convert("hellaswag", row) == Example("A man is sitting on a roof. he", "D", (
+        "is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+        "starts pulling up roofing on a roof."))
+    row = first_row(shared_data / "boolq/train.jsonl")
+    ex = data.convert("boolq", row)
+    assert ex.answer == "yes" and ex.choices is None
+    assert ex.question == row["passage"] + "\nare bok choy and pak choi the same?"
+    row = first_row(shared_data / "arc_easy/train.jsonl", lambda r: r["choices"]["label"][0] == "1")
+    ex = data.convert("arc_easy", row)
+    assert ex.answer == "ABCDE"[int(row["answerKey"]) - 1] and ex.choices == tuple(row["choices"]["text"])
+    row = first_row(shared_data / "sciq/validation.jsonl")
+    ex = data.convert("sciq", row)
+    assert sorted(ex.choices) == sorted(["darwin", "Linnaeus", "shaw", "Scopes"])
+    assert ex.choices[LETTERS.index(ex.answer)] == "darwin" and data.convert("sciq", row) == ex
+
+
+def test_every_real_row_converts_and_agrees_with_its_source(shared_data):
+    # an independent reading of each row's answer, checked against the converter on all ~47k rows
+    for path in sorted(shared_data.glob("*/*.jsonl")):
+        task = path.parent.name
+        letters = Counter()
+        for row in map(json.loads, open(path, encoding="utf-8")):
+            ex = data.convert(task, row)
+            picked = None if ex.choices is None else ex.choices[LETTERS.index(ex.answer)]
+            letters[ex.answer] += 1
+            if task in ("commonsense_qa", "openbookqa", "arc_easy"):
+                assert picked == row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
+            elif task == "hellaswag":
+                assert picked == row["endings"][int(row["label"])]
+            elif task == "sciq":
+                assert picked == row["correct_answer"]
+                fields = ("correct_answer", "distractor1", "distractor2", "distractor3")
+                assert sorted(ex.choices) == sorted(row[k] for k in fields)
+            elif task == "gsm8k":
+                assert row["answer"] == f"{ex.rationale}\n#### {row['answer'].split('#### ')[-1]}"
+                float(ex.answer)
+            elif task == "boolq":
+                assert ex.answer == ("yes" if row["answer"] else "no")
+        if task == "sciq":  # the shuffle moves the correct answer around: no letter dominates
+            assert all(150 < letters[c] < 350 for c in "ABCD"), letters
+
+
+def test_converters_on_hand_made_rows():
+    aqua = {"question": "Two trains travel 60 km at 30 km/h. How many hours?", "options": ["A)1", "B)2", "C)3"],
+            "rationale": "60 / 30 = 2 hours.\nANSWER: B", "correct": "B"}
+    assert data.convert("aqua_rat", aqua) == Example(aqua["question"], "B", ("1", "2", "3"),
+                                                     "60 / 30 = 2 hours.\nANSWER: B")
+    wino = {"sentence": "The trophy doesn't fit into the suitcase because the _ is too large.",
+            "option1": "trophy", "option2": "suitcase", "answer": "1"}
+    assert data.convert("winogrande", wino) == Example(wino["sentence"], "A", ("trophy", "suitcase"))
+    assert data.convert("winogrande", {**wino, "answer": "2"}).answer == "B"
+    med = {"id": "x1", "question": "Which vitamin deficiency causes scurvy?", "opa": "A", "opb": "B12", "opc": "C",
+           "opd": "D", "cop": 2, "choice_type": "single", "exp": "Vitamin C.", "subject_name": "Biochemistry"}
+    assert data.convert("medmcqa", med) == Example(med["question"], "C", ("A", "B12", "C", "D"))
+    # the hub's unlabelled test rows fail loudly instead of training on a made-up label
+    for task, row in (("winogrande", {**wino, "answer": ""}), ("medmcqa", {**med, "cop": -1}),
+                      ("hellaswag", {"ctx": "x", "endings": ["a", "b", "c", "d"], "label": ""}),
+                      ("aqua_rat", {**aqua, "correct": "E"}), ("aqua_rat", {**aqua, "options": ["A)1", "C)2"]})):
+        with pytest.raises(ValueError):
+            data.convert(task, row)
+
+
+# -----------------------------------------------------------------------------
+# formatting, tokenization, the loss mask, collate
+
+def test_format_exact():
+    ex = Example("What is 2 + 2?", "B", ("3", "4", "5"))
+    assert data.format_prompt(ex) == "Q: What is 2 + 2?\noptions: A. 3, B. 4, C. 5\nA:"
+    assert data.format_target(ex) == " #### B"
+    ex = Example("Tom has 3 apples and buys 2. How many?", "5", None, "3 + 2 = 5.")
+    assert data.format_prompt(ex) == "Q: Tom has 3 apples and buys 2. How many?\nA:"
+    assert data.format_target(ex) == " 3 + 2 = 5. #### 5"
+    ex = Example("x?", "A", ("1", "2"), "because")
+    assert data.format_prompt(ex) + data.format_target(ex) == "Q: x?\noptions: A. 1, B. 2\nA: because #### A"
+
+
+def test_loss_mask_is_exactly_target_and_eos(shared_data, smollm2):
+    tok, eos = data.load_tokenizer(smollm2)
+    assert eos == tok.token_to_id("<|im_end|>")  # SmolLM2's config says 2 = <|im_end|>
+    for task, split in (("gsm8k", "train"), ("commonsense_qa", "train"), ("boolq", "train")):
+        ex = data.convert(task, first_row(shared_data / task / f"{split}.jsonl"))
+        ids, labels = data.encode_example(tok, eos, ex, 4096)
+        n_prompt = sum(1 for lab in labels if lab == -100)
+        assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+        assert ids[-1] == eos and eos not in ids[:-1]
+        assert tok.decode(labels[n_prompt:-1]) == data.format_target(ex)
+        assert tok.decode(ids[:n_prompt]) == data.format_prompt(ex)
+        # the drop policy: one token too many is None, exactly enough fits
+        assert data.encode_example(tok, eos, ex, len(ids) - 1) is None
+        assert data.encode_example(tok, eos, ex, len(ids)) == (ids, labels)
+
+
+def test_load_tokenizer_eos_sources(smollm2, tmp_path):
+    (tmp_path / "tokenizer.json").symlink_to(smollm2 / "tokenizer.json")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="eos"):
+        data.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
+    tok, eos = data.load_tokenizer(tmp_path)
+    assert eos == tok.token_to_id("<|endoftext|>") == 0
+
+
+def test_collate_shifts_and_pads():
+    encoded = [([5, 6, 7, 8], [-100, -100, 7, 8]), ([9, 10], [-100, 10])]
+    idx, targets = data.collate(encoded, pad_id=0)
+    assert idx.tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert targets.tolist() == [[-100, 7, 8], [10, -100, -100]]
+
+
+def test_micro_batches_partition_budget_and_fill():
+    lengths = [300, 40, 41, 290, 45, 120, 500, 118, 39, 44, 600]
+    groups = data.micro_batches(lengths, max_tokens=700, min_fill=0.9)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert len(g) == 1 or (len(g) * width <= 700 and sum(lengths[i] for i in g) >= 0.9 * len(g) * width)
+    assert [sorted(g) for g in groups] == [[10], [6], [0, 3], [5, 7], [1, 2, 4, 8, 9]]  # worked out by hand
+
+
+# -----------------------------------------------------------------------------
+# the sampler
+
+sizes_st = st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 25), min_size=1, max_size=5)
+
+
+def global_batches(samplers, steps):
+    # what the W ranks see together: rank r holds global[r::W]
+    out = []
+    for _ in range(steps):
+        shares = [s.next_batch() for s in samplers]
+        batch = [None] * sum(len(x) for x in shares)
+        for r, share in enumerate(shares):
+            batch[r::len(samplers)] = share
+        out.append(batch)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_st, world=st.integers(1, 4), per_rank=st.integers(1, 5), seed=st.integers(0, 2**32))
+def test_every_example_once_per_epoch_across_ranks(sizes, world, per_rank, seed):
+    G, total = world * per_rank, sum(sizes.values())
+    ranks = [data.MixtureSampler(sizes, G, seed, r, world) for r in range(world)]
+    stream = [item for b in global_batches(ranks, math.ceil(3 * total / G)) for item in b]
+    every = sorted((t, i) for t, n in sizes.items() for i in range(n))
+    for k in range(3):
+        assert sorted(stream[k * total:(k + 1) * total]) == every
+    assert math.isclose(ranks[0].epoch, len(stream) / total)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_st, world=st.integers(2, 4), per_rank=st.integers(1, 4), seed=st.integers(0, 1000),
+       ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 31), st.floats(0.1, 5)), max_size=6))
+def test_one_rank_and_w_ranks_see_the_same_global_batches(sizes, world, per_rank, seed, ops):
+    G = world * per_rank
+    one = [data.MixtureSampler(sizes, G, seed)]
+    many = [data.MixtureSampler(sizes, G, seed, r, world) for r in range(world)]
+    names = sorted(sizes)
+    for kind, mask, w in ops:
+        tasks = [t for j, t in enumerate(names) if mask >> j & 1] or names[:1]
+        for s in one + many:
+            if kind == 1:
+                s.set_active(tasks)
+            elif kind == 2:
+                s.set_weights({t: w * (j + 1) for j, t in enumerate(names)})
+            elif kind == 3:
+                s.set_weights(None)
+        assert global_batches(one, 3) == global_batches(many, 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_st, seed=st.integers(0, 1000), before=st.integers(0, 10), mask=st.integers(1, 31),
+       weighted=st.booleans())
+def test_excluded_tasks_never_appear_after_exclusion(sizes, seed, before, mask, weighted):
+    names = sorted(sizes)
+    keep = [t for j, t in enumerate(names) if mask >> j & 1] or names[-1:]
+    s = data.MixtureSampler(sizes, 4, seed)
+    if weighted:
+        s.set_weights({t: 1.0 for t in names})
+    for _ in range(before):
+        s.next_batch()
+    epoch = s.epoch
+    s.set_active(keep)
+    seen = [t for _ in range(20) for t, _ in s.next_batch()]
+    assert set(seen) <= set(keep)
+    # the unit changes with the mixture: 20 batches of 4 over the kept tasks' examples
+    assert math.isclose(s.epoch, epoch + 80 / sum(sizes[t] for t in keep))
+
+
+def test_same_seed_same_order_other_seed_other_order():
+    sizes = {"a": 50, "b": 30, "c": 20}
+    run = lambda seed: global_batches([data.MixtureSampler(sizes, 8, seed)], 30)
+    assert run(20) == run(20) and run(20) != run(21)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_st, seed=st.integers(0, 1000), world=st.integers(1, 3),
+       ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 31), st.floats(0.1, 3)), min_size=1, max_size=12),
+       cut=st.integers(0, 12))
+def test_state_dict_round_trip_continues_identically(sizes, seed, world, ops, cut):
+    names = sorted(sizes)
+    s = data.MixtureSampler(sizes, 2 * world, seed, world - 1, world)
+    for n, (kind, mask, w) in enumerate(ops):
+        if n == cut:
+            break
+        if kind == 0:
+            s.next_batch()
+        elif kind == 1:
+            s.set_active([t for j, t in enumerate(names) if mask >> j & 1] or names[:1])
+        elif kind == 2:
+            s.set_weights({t: w + j for j, t in enumerate(names)})
+        else:
+            s.set_weights(None)
+    saved = json.dumps(s.state_dict())  # plain JSON, as a killed run writes it
+    resumed = data.MixtureSampler(sizes, 2 * world, seed, world - 1, world)
+    resumed.load_state_dict(json.loads(saved))
+    assert [s.next_batch() for _ in range(15)] == [resumed.next_batch() for _ in range(15)]
+    assert s.epoch == resumed.epoch and s.state_dict() == resumed.state_dict()
+
+
+@pytest.mark.parametrize("weights", [{"a": 1, "b": 2, "c": 5}, {"a": 1, "b": 0, "c": 1}, {"a": 0.2, "b": 0.2, "c": 3}])
+def test_weights_move_task_frequencies(weights):
+    sizes = {"a": 100, "b": 300, "c": 100}
+    s = data.MixtureSampler(sizes, 64, 20)
+    s.set_weights(weights)
+    draws = [item for _ in range(300) for item in s.next_batch()]
+    freq = Counter(t for t, _ in draws)
+    for t, w in weights.items():  # 19,200 draws: the binomial sd is under 0.004
+        assert abs(freq[t] / len(draws) - w / sum(weights.values())) < 0.02
+    # within a task the examples still come without repeats until the task is used up
+    a = [i for t, i in draws if t == "a"]
+    assert sorted(a[:100]) == list(range(100))
+    assert math.isclose(s.epoch, len(draws) / sum(sizes.values()))
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        data.MixtureSampler({"a": 3}, 5, 0, 0, 2)
+    s = data.MixtureSampler({"a": 3, "b": 4}, 2, 0)
+    with pytest.raises(ValueError, match="unknown task 'z'"):
+        s.set_active(["a", "z"])
+    with pytest.raises(ValueError, match=">= 0"):
+        s.set_weights({"a": -1.0, "b": 1.0})
+    s.set_weights({"a": 1.0})
+    with pytest.raises(ValueError, match="'b' has no weight"):
+        s.next_batch()
+    s.set_active([])
+    with pytest.raises(ValueError, match="no active task"):
+        s.next_batch()
+    with pytest.raises(ValueError, match="sizes"):
+        data.MixtureSampler({"a": 4}, 2, 0).load_state_dict(s.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n{"question": "e",\n')
+    with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
+        data.read_jsonl(path)
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: empty line"):
+        data.read_jsonl(path)
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: expected a JSON object"):
+        data.read_jsonl(path)
+    path.write_text('{"a": 1}\n{"a": 2}\n\n\n')
+    assert data.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_bad_rows_and_names_fail_before_training(shared_data, tmp_path):
+    row = first_row(shared_data / "commonsense_qa/train.jsonl")
+    src = tmp_path / "src"
+    write_jsonl(src / "commonsense_qa/train.jsonl", [row, {k: v for k, v in row.items() if k != "answerKey"}])
+    with pytest.raises(ValueError, match=r"commonsense_qa/train.jsonl:2: missing field 'answerKey'"):
+        data.prepare(str(src), tmp_path / "out", n_train=1, n_selection=1, n_test=1)
+    write_jsonl(src / "commonsense_qa/train.jsonl", [row, {**row, "answerKey": "F"}])
+    with pytest.raises(ValueError, match=r"train.jsonl:2: answerKey 'F' is not one of the labels"):
+        data.prepare(str(src), tmp_path / "out", n_train=1, n_selection=1, n_test=1)
+    write_jsonl(src / "commonsense_qa/train.jsonl", [])
+    with pytest.raises(ValueError, match="train.jsonl: empty split"):
+        data.prepare(str(src), tmp_path / "out", n_train=1, n_selection=1, n_test=1)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        data.prepare(str(src), tmp_path / "out", tasks=["nope"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        data.prepare("hub", tmp_path / "out", tasks=["nope"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        data.convert("nope", row)
+    with pytest.raises(ValueError, match="answer 'E' is not one of the choice letters A-D"):
+        data.from_plain({"question": "q", "answer": "E", "choices": ["1", "2", "3", "4"]})
+    with pytest.raises(ValueError, match="--selection must be a positive integer"):
+        data.prepare(str(src), tmp_path / "out", n_selection=0)
+
+
+def test_hub_source_without_datasets_says_pip_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails, installed or not
+    with pytest.raises(ImportError, match="pip install datasets"):
+        data.prepare("hub", tmp_path / "out", tasks=["gsm8k"])
+
+
+# -----------------------------------------------------------------------------
+# prepare and load on the real rows
+
+@pytest.fixture(scope="module")
+def mixture(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixture")
+    with pytest.warns(UserWarning, match="sciq: asked for train 1800, only 800 rows"):
+        data.prepare(str(shared_data), out)
+    return out
+
+
+def test_prepare_manifest_policy_and_determinism(shared_data, mixture, tmp_path):
+    manifest = json.loads((mixture / "manifest.json").read_text())
+    assert manifest["seed"] == 20 and manifest["asked"] == {"train": 1800, "selection": 200, "test": 500}
+    assert sorted(manifest["tasks"]) == sorted(p.name for p in shared_data.iterdir() if p.is_dir())
+    # hand count: sciq has 1000 test rows (500 kept for test) and 1000 validation rows = 200 selection + 800 train
+    assert manifest["tasks"]["sciq"]["sizes"] == {"train": 800, "selection": 200, "test": 500}
+    assert "short" in manifest["tasks"]["sciq"] and "short" not in manifest["tasks"]["gsm8k"]
+    assert manifest["tasks"]["arc_easy"]["test_from"] == "the hub's test split"
+    assert manifest["tasks"]["boolq"]["test_from"] == "the pooled splits"
+    assert {s["source"]: s["rows"] for s in manifest["tasks"]["gsm8k"]["sources"]} == {
+        str(shared_data.resolve() / "gsm8k/train.jsonl"): 7473, str(shared_data.resolve() / "gsm8k/test.jsonl"): 1319}
+    # arc_easy: test only from the hub's test rows, train + selection only from train + validation, no row twice
+    mix = data.load_mixture(mixture)
+    def conv(split):
+        return Counter(data.convert("arc_easy", r) for r in data.read_jsonl(shared_data / f"arc_easy/{split}.jsonl"))
+    assert not Counter(mix["arc_easy"]["test"]) - conv("test")
+    assert not Counter(mix["arc_easy"]["train"] + mix["arc_easy"]["selection"]) - (conv("train") + conv("validation"))
+    # a second run writes the same bytes
+    with pytest.warns(UserWarning, match="sciq"):
+        data.prepare(str(shared_data), tmp_path)
+    files = sorted(p.relative_to(mixture) for p in mixture.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert all((mixture / f).read_bytes() == (tmp_path / f).read_bytes() for f in files)
+
+
+def test_load_mixture_validates(mixture, tmp_path):
+    assert list(data.load_mixture(mixture, ["gsm8k"])) == ["gsm8k"]
+    with pytest.raises(ValueError, match="unknown task 'medmcqa'"):
+        data.load_mixture(mixture, ["medmcqa"])
+    copy = tmp_path / "m"
+    (copy / "sciq").mkdir(parents=True)
+    manifest = json.loads((mixture / "manifest.json").read_text())
+    manifest["tasks"] = {"sciq": manifest["tasks"]["sciq"]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for split in data.SPLITS:
+        (copy / "sciq" / f"{split}.jsonl").write_bytes((mixture / "sciq" / f"{split}.jsonl").read_bytes())
+    (copy / "sciq/selection.jsonl").write_text("")
+    with pytest.raises(ValueError, match="selection.jsonl: empty split"):
+        data.load_mixture(copy)
+
+
+def test_cli_on_a_users_own_task(tmp_path):
+    rows = [{"question": f"Is {n} even?", "answer": "A" if n % 2 == 0 else "B", "choices": ["yes", "no"]}
+            for n in range(10)]
+    write_jsonl(tmp_path / "src/parity/train.jsonl", rows)
+    cmd = [sys.executable, str(REPO / "data.py"), "prepare", "--source", str(tmp_path / "src"),
+           "--out", str(tmp_path / "out"), "--train", "6", "--selection", "2", "--test", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    mix = data.load_mixture(tmp_path / "out")
+    assert Counter(ex for split in mix["parity"].values() for ex in split) == Counter(map(data.from_plain, rows))
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["tasks"]["parity"]["schema"] == "plain"
+    with pytest.raises(SystemExit, match="--train must be a positive integer"):
+        data.main(cmd[2:-6] + ["--train", "0"])
+
+
+# -----------------------------------------------------------------------------
+# the real mixture through the real tokenizer: speed, drops, separate = joint tokenization, padding
+
+def test_real_mixture_tokenizes_fast_and_pads_little(mixture, smollm2):
+    tok, eos = data.load_tokenizer(smollm2)
+    mix = data.load_mixture(mixture)
+    t0 = time.time()
+    encoded = {t: data.encode_examples(tok, eos, m["train"], 512) for t, m in mix.items()}
+    assert time.time() - t0 < 30, "tokenizing ~12k examples must take seconds"
+    dropped = {t: sum(e is None for e in enc) for t, enc in encoded.items()}
+    assert sum(dropped.values()) < 0.01 * sum(len(e) for e in encoded.values()), dropped
+    # tokenizing prompt and target apart gives the same ids as tokenizing the whole text at once
+    for t, m in mix.items():
+        joint = tok.encode_batch([data.format_prompt(ex) + data.format_target(ex) for ex in m["train"]])
+        assert all(e is None or e[0] == j.ids + [eos] for e, j in zip(encoded[t], joint))
+    kept = {t: [e for e in enc if e is not None] for t, enc in encoded.items()}
+    sampler = data.MixtureSampler({t: len(e) for t, e in kept.items()}, 64, 20)
+    real = padded = 0
+    while sampler.epoch < 1:
+        batch = [kept[t][i] for t, i in sampler.next_batch()]
+        for group in data.micro_batches([len(ids) - 1 for ids, _ in batch], max_tokens=4096):
+            idx, targets = data.collate([batch[i] for i in group], eos)
+            real += sum(len(batch[i][0]) - 1 for i in group)
+            padded += idx.numel()
+    print(f"real-token fraction over one epoch: {real / padded:.3f}, dropped over 512 tokens: {dropped}")
+    assert real / padded > 0.9
