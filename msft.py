@@ -1,0 +1,300 @@
+"""mSFT's algorithm core (SPEC sections 3 and 4): the exclusion decision, the roll-back snapshot store, the stage loop.
+
+    python train.py --method msft --model DIR --data MIXTURE --out runs/msft   # drives run_msft with a real model
+    python -m pytest -q tests/test_msft.py                                     # drives it with a simulated one
+
+    store = msft.SnapshotStore("runs/msft/snapshots")        # or msft.SnapshotStore() to keep the copies in memory
+    state = msft.run_msft(tasks, hooks, budget=1.0, interval=0.25, max_epochs=10.0, store=store)
+    best_params = store.load(state.best["id"])                # the global best; the model itself ends as the final one
+
+Small to large: peaks/decide/needed are pure functions of scores (plain data, no tensors, no I/O, STYLE rule 10);
+SnapshotStore holds parameters; run_msft is Algorithm 1 written over callables, so the same loop drives a real model
+(train.py) and a simulated one (the tests). A stage's history is a list of checkpoints, each a plain dict
+{"id": int, "stage": int, "epoch": float, "scores": {task: score}}; scores are higher-is-better (accuracy, or minus
+the loss) and hold every task's latest known score at that checkpoint.
+
+Kill safety: after each evaluation the loop first calls hooks.checkpoint(state), then updates the store (drops what
+the state no longer needs, then writes the one new snapshot from the model, which still holds it). A kill at any
+moment therefore leaves every snapshot the last checkpointed state needs, except possibly that newest one, which the
+resumed run takes again from the model the caller restored; and the store never holds more than needed() says.
+"""
+import json
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+EPS = 1e-9  # epochs closer than this are the same point (sums of float intervals)
+
+
+# -----------------------------------------------------------------------------
+# the decision: pure functions of one stage's scores
+
+def peaks(history: list[dict[str, float]]) -> dict[str, int]:
+    """task -> index of its peak in one stage's history: the first checkpoint where its score is highest."""
+    if not history:
+        raise ValueError("empty history: a stage has at least its start checkpoint")
+    peak = {}
+    for i, scores in enumerate(history):
+        if set(scores) != set(history[0]):
+            raise ValueError(f"checkpoint {i} scores tasks {sorted(scores)}, checkpoint 0 {sorted(history[0])}")
+        for t, s in scores.items():
+            if not isinstance(s, numbers.Real) or not math.isfinite(s):
+                raise ValueError(f"task {t!r} at checkpoint {i}: score {s!r} (expected a finite number)")
+            if t not in peak or s > history[peak[t]][t]:  # strictly higher: a tie keeps the earlier peak
+                peak[t] = i
+    return peak
+
+
+def decide(history: list[dict[str, float]], ties: str = "all") -> tuple[list[str], int | None]:
+    """One stage's decision from its history (checkpoints in order, the active tasks' scores at each):
+    (tasks to exclude, sorted; index of the roll-back checkpoint), or ([], None) when no task peaked before the
+    stage's last checkpoint. ties="all" excludes every task peaking at the earliest peak, "first" only the first
+    by name (the official code)."""
+    if ties not in ("all", "first"):
+        raise ValueError(f"ties={ties!r}: expected 'all' or 'first'")
+    peak = peaks(history)
+    if not peak:
+        raise ValueError("no active task in the history: nothing to decide")
+    t_star = min(peak.values())
+    if t_star == len(history) - 1:  # nothing overfit inside the budget
+        return [], None
+    out = sorted(t for t, i in peak.items() if i == t_star)
+    return (out if ties == "all" else out[:1]), t_star
+
+
+def needed(history: list[dict], active: list[str], best_id: int) -> set[int]:
+    """Ids of the snapshots that must live now (SPEC 4): each active task's current peak in this stage, plus the
+    global best. Right after a decision the history is just the roll-back target, so that and the best remain."""
+    peak = peaks([{t: h["scores"][t] for t in active} for h in history])
+    # with no active task left, the stage start is the final model, kept until the loop has restored it
+    return ({history[i]["id"] for i in peak.values()} or {history[0]["id"]}) | {best_id}
+
+
+# -----------------------------------------------------------------------------
+# the snapshot store: parameters only, by checkpoint id
+
+class SnapshotStore:
+    """Parameter snapshots by checkpoint id: CPU copies in memory (dir=None), or safetensors files in `dir` with a
+    manifest.json (each snapshot's epoch, stage, scores; the peak count) so that a restarted run finds them.
+    Files are written to a temporary name and renamed, the manifest likewise: a kill never leaves half a snapshot,
+    and a file the manifest does not list (killed between the two) is removed when the store is opened again."""
+
+    def __init__(self, dir: str | os.PathLike | None = None):
+        self.dir = None if dir is None else Path(dir)
+        self.meta: dict[int, dict] = {}        # id -> {"epoch", "stage", "scores"}
+        self.tensors: dict[int, dict] = {}     # memory store only
+        self.peak_held = 0                     # most snapshots held at once, over the whole run
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / "manifest.json"
+        if manifest.exists():
+            try:
+                m = json.loads(manifest.read_text())
+                self.meta = {int(i): dict(meta) for i, meta in m["snapshots"].items()}
+                self.peak_held = int(m["peak_held"])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{manifest}: not a snapshot manifest ({type(e).__name__}: {e})") from None
+            for i in self.meta:
+                if not self.path(i).is_file():
+                    raise FileNotFoundError(f"{manifest} lists snapshot {i} but {self.path(i)} is missing")
+        listed = {self.path(i).name for i in self.meta}
+        for p in self.dir.glob("snapshot-*"):
+            if p.name not in listed:
+                p.unlink()
+
+    def __repr__(self):
+        return f"SnapshotStore({str(self.dir) if self.dir else 'memory'})"
+
+    @property
+    def held(self) -> int:
+        return len(self.meta)
+
+    def ids(self) -> list[int]:
+        return sorted(self.meta)
+
+    def path(self, id: int) -> Path:
+        return self.dir / f"snapshot-{id:06d}.safetensors"
+
+    def write_manifest(self):
+        tmp = self.dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps({"peak_held": self.peak_held, "snapshots": self.meta}, indent=1))
+        os.replace(tmp, self.dir / "manifest.json")
+
+    def save(self, id: int, params: dict[str, torch.Tensor], meta: dict):
+        if self.dir is None:
+            self.tensors[id] = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+        else:
+            tmp = self.path(id).with_suffix(".tmp")
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, tmp)
+            os.replace(tmp, self.path(id))
+        self.meta[id] = json.loads(json.dumps(meta))  # a copy: the caller's dicts change later
+        self.peak_held = max(self.peak_held, len(self.meta))
+        if self.dir is not None:
+            self.write_manifest()
+
+    def load(self, id: int) -> dict[str, torch.Tensor]:
+        """The snapshot's tensors on the CPU (the memory store's own copies: copy them in, do not modify)."""
+        if id not in self.meta:
+            raise KeyError(f"{self}: no snapshot {id} (held: {self.ids()})")
+        return self.tensors[id] if self.dir is None else load_file(self.path(id))
+
+    def drop(self, id: int):
+        del self.meta[id]
+        if self.dir is None:
+            del self.tensors[id]
+        else:
+            self.write_manifest()  # manifest first: a kill in between leaves an unlisted file, removed at next open
+            self.path(id).unlink()
+
+
+# -----------------------------------------------------------------------------
+# the loop: Algorithm 1 over callables
+
+@dataclass
+class LoopState:
+    """Where the loop is, as plain JSON data: enough to continue exactly after a kill."""
+    tasks: list[str]        # every task, sorted
+    config: dict            # budget, interval, max_epochs, ties, eval_excluded: a resumed run must pass the same
+    stage: int              # from 1
+    epoch: float            # epoch of the current checkpoint, cumulative from the base model
+    active: list[str]
+    excluded: list[str]     # in the order they were excluded
+    history: list[dict]     # this stage's checkpoints {"id", "stage", "epoch", "scores"}; [0] is where it starts
+    best: dict | None       # the global best: its checkpoint dict plus "avg" (average over ALL tasks)
+    next_id: int            # id of the next checkpoint
+    model_at: int           # id of the checkpoint whose parameters the caller's model holds
+    started: bool           # this stage's start is restored (stage 1: the base model as loaded)
+    pending: list[str]      # tasks still to evaluate at this stage's start (the base model; eval_excluded="rollback")
+    done: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LoopState":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"a LoopState is a dict with keys {sorted(names)}, got {got}")
+        return cls(**json.loads(json.dumps(d)))  # a deep copy: the caller's dict stays untouched
+
+
+def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, max_epochs: float, store: SnapshotStore,
+             ties: str = "all", eval_excluded: str = "every", state: LoopState | None = None) -> LoopState:
+    """Run mSFT to the end, or continue `state` (the last one passed to hooks.checkpoint) after a kill.
+
+    hooks: train(active, epochs), evaluate(tasks) -> {task: score}, snapshot() -> params, restore(params) (the
+    caller also resets its optimizer), log(event), checkpoint(state) (called after every evaluation, decision and
+    the end: persist it with the model, optimizer, sampler and log length; the model then is the one of checkpoint
+    state.model_at). Every stage after the first begins with
+    restore(its start): the roll-back target, or after no drop the parameters the model already has, so that each
+    stage starts with a fresh optimizer (SPEC 3). On return the caller's model is the final model
+    (state.history[0]) and store.load(state.best["id"]) gives the global best.
+    eval_excluded="every" evaluates every task at every checkpoint (exact global best); "rollback" evaluates the
+    tasks excluded in earlier stages once per stage, at the checkpoint the next stage starts from (Appendix F),
+    and carries their latest score into the averages in between.
+    """
+    config = {"budget": budget, "interval": interval, "max_epochs": max_epochs, "ties": ties,
+              "eval_excluded": eval_excluded}
+    if not (budget > 0 and interval > 0 and max_epochs > 0):
+        raise ValueError(f"budget, interval and max_epochs must be > 0, got {config}")
+    if ties not in ("all", "first") or eval_excluded not in ("every", "rollback"):
+        raise ValueError(f"ties must be 'all' or 'first' and eval_excluded 'every' or 'rollback', got {config}")
+    if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be distinct names, got {tasks}")
+    tasks = sorted(tasks)
+
+    def sync_store():
+        # deletions first, then the one new snapshot: never more than needed() on disk, even for a moment
+        keep = needed(state.history, state.active, state.best["id"])
+        for i in store.ids():
+            if i not in keep:
+                store.drop(i)
+        for i in sorted(keep - set(store.ids())):
+            # only the checkpoint just evaluated can be missing: the caller's model still holds it
+            if i != state.model_at:
+                raise FileNotFoundError(f"{store}: snapshot {i} is missing, but the state needs it to continue")
+            ckpt = {h["id"]: h for h in state.history}.get(i, state.best)
+            store.save(i, hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]})
+
+    def evaluate(which: list[str], epoch: float) -> dict[str, float]:
+        scores = hooks.evaluate(list(which))
+        if not isinstance(scores, dict) or set(scores) != set(which):
+            got = sorted(scores) if isinstance(scores, dict) else type(scores).__name__
+            raise ValueError(f"hooks.evaluate({which}) at epoch {epoch} returned scores for {got}")
+        for t, s in scores.items():
+            if not isinstance(s, numbers.Real) or not math.isfinite(s):
+                raise ValueError(f"task {t!r} at epoch {epoch}: score {s!r} (expected a finite number)")
+        return {t: float(s) for t, s in scores.items()}
+
+    def scored(ckpt: dict, scores: dict) -> dict:
+        # the average is over ALL tasks; the global best is the highest average seen, the earliest on ties
+        avg = sum(ckpt["scores"][t] for t in tasks) / len(tasks)
+        if state.best is None or avg > state.best["avg"]:
+            state.best = {**json.loads(json.dumps(ckpt)), "avg": avg}
+        return {"event": "eval", "stage": state.stage, "epoch": ckpt["epoch"], "active": list(state.active),
+                "evaluated": sorted(scores), "scores": scores, "avg": avg}
+
+    if state is None:  # stage 1 starts at the base model, with every task still to evaluate
+        state = LoopState(tasks=tasks, config=config, stage=1, epoch=0.0, active=list(tasks), excluded=[],
+                          history=[{"id": 0, "stage": 1, "epoch": 0.0, "scores": {}}], best=None, next_id=1,
+                          model_at=0, started=True, pending=list(tasks))
+    else:
+        if state.tasks != tasks or state.config != config:
+            raise ValueError(f"cannot continue a run of tasks {state.tasks} with {state.config} as tasks {tasks} "
+                             f"with {config}: pass the same tasks and flags")
+        sync_store()  # a kill may have come between hooks.checkpoint and the store's update
+
+    while not state.done:
+        start = state.history[0]
+        if not state.started:  # the roll-back (parameters only), or after no drop the same parameters: either way
+            hooks.restore(store.load(start["id"]))  # the caller's optimizer starts afresh, as in the official code
+            state.model_at, state.started = start["id"], True
+
+        if state.pending:  # the stage's start: the base model, or excluded tasks once per stage ("rollback")
+            scores = evaluate(state.pending, start["epoch"])
+            start["scores"].update(scores)
+            state.pending = []
+            events = [scored(start, scores)]
+        elif not state.active or state.epoch >= max_epochs - EPS:
+            state.done = True
+            events = [{"event": "decision", "stage": state.stage - 1, "kind": "done", "excluded": list(state.excluded),
+                       "rollback_epoch": None, "epoch": state.epoch, "best_epoch": state.best["epoch"],
+                       "best_avg": state.best["avg"], "snapshots_peak": store.peak_held}]  # SFT holds 1
+        else:  # one interval of the roll-out; the last one of a stage may be shorter so as not to pass max_epochs
+            end = round(min(start["epoch"] + budget, max_epochs), 9)
+            epoch = round(min(start["epoch"] + len(state.history) * interval, end), 9)
+            hooks.train(list(state.active), round(epoch - state.epoch, 9))
+            scores = evaluate(tasks if eval_excluded == "every" else state.active, epoch)
+            ckpt = {"id": state.next_id, "stage": state.stage, "epoch": epoch,
+                    "scores": {**state.history[-1]["scores"], **scores}}
+            state.history.append(ckpt)
+            state.next_id += 1
+            state.epoch, state.model_at = epoch, ckpt["id"]
+            events = [scored(ckpt, scores)]
+            if epoch >= end - EPS:  # the stage's last checkpoint: decide
+                hist = [{t: h["scores"][t] for t in state.active} for h in state.history]
+                out, i = decide(hist, ties)
+                target = ckpt if i is None else state.history[i]
+                events.append({"event": "decision", "stage": state.stage, "kind": "drop" if out else "no_drop",
+                               "excluded": out, "rollback_epoch": None if i is None else target["epoch"],
+                               "peaks": {t: state.history[j]["epoch"] for t, j in sorted(peaks(hist).items())}})
+                state.pending = list(state.excluded) if eval_excluded == "rollback" else []
+                state.excluded += out
+                state.active = [t for t in state.active if t not in out]
+                state.stage += 1
+                state.history = [target]  # the next stage starts here; its peaks are found within it
+                state.epoch, state.started = target["epoch"], False
+        if events[0]["event"] == "eval":  # what the store keeps once this step is done
+            events[0]["snapshots_held"] = len(needed(state.history, state.active, state.best["id"]))
+        for e in events:
+            hooks.log(e)
+        hooks.checkpoint(state)
+        sync_store()
+    return state
