@@ -23,13 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import baselines
 import data
 import flops
 import msft
 from evaluate import evaluate
 from model import ModelConfig, Transformer
 
-METHODS = ("sft", "msft")
+METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,8 @@ METHODS = ("sft", "msft")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
-    p.add_argument("--method", choices=METHODS, default=None, help="sft or msft (demo: both, one after the other)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="sft, msft, or a baseline of baselines.py (demo: sft and msft, one after the other)")
     p.add_argument("--model", default=None, help="checkpoint folder in hub layout, or a hub id (default: the demo's tiny model)")
     p.add_argument("--data", default=None, help="mixture folder from `python data.py prepare` (default: the demo mixture)")
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks of the mixture only (default: all)")
@@ -55,6 +57,18 @@ def parse_args(argv=None):
                    help="evaluate excluded tasks at every checkpoint, or once at the roll-back (paper's FLOPs)")
     p.add_argument("--snapshots", choices=("disk", "memory"), default="disk",
                    help="where roll-back snapshots live (memory: faster, but a killed run cannot resume)")
+    # the baselines (SPEC 5, baselines.py)
+    p.add_argument("--task-order", nargs="+", default=None, help="continual: train the tasks in this order (default: by name)")
+    p.add_argument("--search-log", default=None,
+                   help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
+                        "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
+    p.add_argument("--ies-threshold", type=float, default=1e-3,
+                   help="ies: an example whose mean |second difference| of loss is under this is left out of backprop")
+    p.add_argument("--ies-window", type=int, default=1,
+                   help="ies: epochs that mean is over (1: an example can leave once it has 3 losses, as in Appendix F)")
+    p.add_argument("--dynamix-every", type=int, default=0, help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
+    p.add_argument("--dynamix-batch", type=int, default=8, help="dynamix: examples per task in each look-ahead")
+    p.add_argument("--dynamix-beta", type=float, default=4.0, help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
     # optimisation (paper: lr 1e-5 constant, no warmup, Adam without weight decay, batch 64, seed 20)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=64, help="effective batch (examples per optimizer step, all ranks)")
@@ -86,6 +100,13 @@ def parse_args(argv=None):
         (args.max_len > 8, "--max-len must be > 8"),
         (args.eval_limit is None or args.eval_limit > 0, "--eval-limit must be > 0"),
         (args.shots >= 0, "--shots must be >= 0"),
+        (args.task_order is None or args.method == "continual", "--task-order is for --method continual"),
+        (args.search_log is None or args.method in ("sro", "soft-sro"), "--search-log is for --method sro or soft-sro"),
+        (args.ies_threshold > 0, "--ies-threshold must be > 0"),
+        (args.ies_window >= 1, "--ies-window must be >= 1"),
+        (args.dynamix_every >= 0, "--dynamix-every must be >= 0"),
+        (args.dynamix_batch >= 1, "--dynamix-batch must be >= 1"),
+        (math.isfinite(args.dynamix_beta) and args.dynamix_beta >= 0, "--dynamix-beta must be a finite number >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -120,6 +141,13 @@ def all_sum(x: float, device) -> float:
         dist.all_reduce(t)
         return t.item()
     return x
+
+
+def example_losses(logits, targets):
+    """(B,) each row's mean cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off the
+    answer. The per-example loss of IES and DynamixSFT (baselines.py)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
+    return ce.view(targets.shape).sum(1) / (targets != -100).sum(1).clamp(min=1)
 
 
 def write_json(path: Path, obj):
@@ -179,6 +207,12 @@ class Run:
         self.tokens = 0
         self.t0 = time.time()
         self.log_file = None
+        # hooks for the baselines (baselines.py): IES leaves the examples in `skip` out of backprop and collects
+        # each example's loss in `example_loss` (task -> [[loss sum, count] per example]); DynamixSFT re-weights
+        # the mixture in `on_step`, called before each optimizer step
+        self.skip: set[tuple[str, int]] = set()
+        self.example_loss: dict | None = None
+        self.on_step = None
 
     def new_optimizer(self):
         # the official code starts the optimizer afresh at every stage; Adam without weight decay
@@ -222,23 +256,39 @@ class Run:
 
     def train_step(self):
         args = self.args
+        if self.on_step is not None:
+            self.on_step()
+        batch = self.sampler.next_batch()
+        measured = self.measure([x for x in batch if x in self.skip]) if self.skip else 0
+        batch = [x for x in batch if x not in self.skip]
+        t = time.time()
+        if not batch:  # IES: every example of this batch is left out; no optimizer step
+            self.log({"event": "train", "epoch": round(self.sampler.epoch, 6), "loss": None, "lr": args.lr,
+                      "tokens": 0, "forward_tokens": int(measured)})
+            return
         # the global batch sorted by length and cut into micro-batches, dealt round-robin to the ranks: every world
         # size computes the same micro-batches (so 1 and N ranks agree), and similar lengths pad little
-        enc = sorted((self.train_enc[t][i] for t, i in self.sampler.next_batch()), key=lambda e: len(e[0]))
-        chunks = [enc[i:i + args.micro_batch] for i in range(0, len(enc), args.micro_batch)][self.rank::self.world]
+        batch = sorted(batch, key=lambda x: len(self.train_enc[x[0]][x[1]][0]))
+        enc = [self.train_enc[t][i] for t, i in batch]
+        parts = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)][self.rank::self.world]
         # the loss is normalised by the answer tokens of the whole optimizer step, over all ranks (STYLE rule 8)
         n_ans = sum(sum(l != -100 for l in labels[1:]) for _, labels in enc)
         loss_sum, real, padded = 0.0, 0, 0
-        t = time.time()
-        for k, chunk in enumerate(chunks):
+        if not parts:  # IES under DDP can leave fewer micro-batches than ranks: join the gradient all-reduce with 0
+            with self.autocast:
+                (self.fwd(data.collate(enc[:1], self.pad)[0].to(self.device)).sum() * 0).backward()
+        for k, part in enumerate(parts):
+            chunk = [self.train_enc[t][i] for t, i in part]
             idx, targets = data.collate(chunk, self.pad)
             idx, targets = idx.to(self.device), targets.to(self.device)
-            sync = k == len(chunks) - 1 or not self.ddp
+            sync = k == len(parts) - 1 or not self.ddp
             with (nullcontext() if sync else self.fwd.no_sync()), self.autocast:
                 logits = self.fwd(idx)
                 loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), reduction="sum",
                                        ignore_index=-100)
             (loss * self.world / n_ans).backward()  # DDP averages over ranks; undo that to get a plain sum
+            if self.example_loss is not None:
+                self.record(part, logits, targets)
             loss_sum += loss.item()
             real += sum(len(ids) - 1 for ids, _ in chunk)
             padded += idx.numel()
@@ -256,12 +306,58 @@ class Run:
         self.tokens += real
         self.flops.train(real)
         dt = time.time() - t
-        self.log({"event": "train", "epoch": round(self.sampler.epoch, 6), "loss": loss, "lr": args.lr,
-                  "tokens": int(real), "tok_per_s": real / dt, "real_frac": real / padded})
+        event = {"event": "train", "epoch": round(self.sampler.epoch, 6), "loss": loss, "lr": args.lr,
+                 "tokens": int(real), "tok_per_s": real / dt, "real_frac": real / padded}
+        if self.example_loss is not None:
+            event["forward_tokens"] = int(measured)
+        self.log(event)
         if self.step % args.log_every == 0:
             eta = (args.max_epochs - self.sampler.epoch) * (time.time() - self.t0) / max(self.sampler.epoch, 1e-9)
             print0(f"step {self.step:5d} | epoch {self.sampler.epoch:6.3f} | loss {loss:.4f} | "
                    f"{real / dt:8.0f} tok/s | real {real / padded:.0%} | eta <= {eta / 60:.1f} min")
+
+    @torch.no_grad()
+    def measure(self, items: list[tuple[str, int]]) -> int:
+        """IES: the losses of examples left out of backprop, by a forward-only pass (2 N FLOPs a token), into
+        example_loss; returns the tokens it took over all ranks. Micro-batches are dealt to ranks as in train_step."""
+        parts = [items[i:i + self.args.micro_batch] for i in range(0, len(items), self.args.micro_batch)]
+        real = 0
+        for part in parts[self.rank::self.world]:
+            idx, targets = data.collate([self.train_enc[t][i] for t, i in part], self.pad)
+            with self.autocast:
+                logits = self.model(idx.to(self.device))  # the plain module: no gradient, no DDP all-reduce
+            self.record(part, logits, targets.to(self.device))
+            real += sum(len(self.train_enc[t][i][0]) - 1 for t, i in part)
+        real = all_sum(real, self.device)
+        self.flops.forward(real)
+        return real
+
+    def record(self, items: list[tuple[str, int]], logits, targets):  # IES: into example_loss, as [sum, count]
+        for (t, i), loss in zip(items, example_losses(logits.detach(), targets).tolist()):
+            self.example_loss[t][i][0] += loss
+            self.example_loss[t][i][1] += 1
+
+    def lookahead(self, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """DynamixSFT's probe: each example's loss before and after one plain gradient step (the run's lr, no
+        optimizer state) on `items`, then the parameters put back; (pre (B,), post (B,), tokens)."""
+        params = list(self.model.parameters())
+        saved = [p.detach().clone() for p in params]
+        idx, targets = data.collate([self.train_enc[t][i] for t, i in items], self.pad)
+        idx, targets = idx.to(self.device), targets.to(self.device)
+        with self.autocast:
+            pre = example_losses(self.model(idx), targets)
+        n = (targets != -100).sum(1)
+        ((pre * n).sum() / n.sum()).backward()  # the batch's loss over its answer tokens, as a training step's
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=self.args.lr)
+            with self.autocast:
+                post = example_losses(self.model(idx), targets)
+            for p, s in zip(params, saved):
+                p.copy_(s)
+                p.grad = None
+        return pre.detach(), post, sum(len(self.train_enc[t][i][0]) - 1 for t, i in items)
 
     def evaluate(self, tasks: list[str], split: str | None = None) -> dict[str, float]:
         a = self.args
@@ -293,34 +389,35 @@ class Run:
         self.new_optimizer()
 
     def checkpoint(self, state):
-        """Everything needed to continue after this evaluation, written to a temp folder and renamed."""
+        """Everything needed to continue after this evaluation. The tensors go to new files; state.json, replaced
+        atomically, names them and is the commit point: a kill at any moment leaves the previous checkpoint whole."""
         if self.rank == 0:
-            tmp, final = self.out / "state.tmp", self.out / "state"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(self.snapshot(), tmp / "model.safetensors")
+            folder = self.out / "state"
+            folder.mkdir(exist_ok=True)
+            tag = time.time_ns()  # new names every time: the files state.json names are never overwritten
             opt = {}
             for i, p in enumerate(self.model.parameters()):
                 for k, v in self.opt.state.get(p, {}).items():
                     opt[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
-            save_file(opt, tmp / "optimizer.safetensors")
-            write_json(tmp / "state.json", {
-                "loop": state.to_json() if hasattr(state, "to_json") else state, "sampler": self.sampler.state_dict(),
-                "step": self.step, "tokens": self.tokens, "flops": self.flops.state_dict(),
-                "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
-            if final.exists():
-                os.replace(final, self.out / "state.old")
-            os.replace(tmp, final)
-            shutil.rmtree(self.out / "state.old", ignore_errors=True)
+            files = {"model": f"model-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors"}
+            for name, tensors in (("model", self.snapshot()), ("optimizer", opt)):
+                save_file(tensors, folder / (files[name] + ".tmp"))
+                os.replace(folder / (files[name] + ".tmp"), folder / files[name])
+            write_json(folder / "state.json", {
+                "files": files, "loop": state.to_json() if hasattr(state, "to_json") else state,
+                "sampler": self.sampler.state_dict(), "step": self.step, "tokens": self.tokens,
+                "flops": self.flops.state_dict(), "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
+            for f in folder.iterdir():  # what the new state.json does not name is an older checkpoint
+                if f.name != "state.json" and f.name not in files.values():
+                    f.unlink()
         if self.ddp:
             dist.barrier()
 
     def load_checkpoint(self) -> dict:
         path = self.out / "state"
         s = json.loads((path / "state.json").read_text())
-        params = load_file(path / "model.safetensors")
-        self.restore(params)
-        opt = load_file(path / "optimizer.safetensors")
+        self.restore(load_file(path / s["files"]["model"]))
+        opt = load_file(path / s["files"]["optimizer"])
         for i, p in enumerate(self.model.parameters()):
             st = {k.split(".", 1)[1]: v.to(self.device) for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
             if st:
@@ -412,10 +509,10 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     print0(f"{args.method}: {len(run.tasks)} tasks {run.tasks}, {sum(map(len, run.train_enc.values()))} training "
            f"examples (dropped as too long: {sum(run.dropped.values())}), {run.n_params / 1e6:.1f}M parameters, "
            f"world {run.world}, device {run.device}, compile {run.compile}")
-    if args.method == "sft":
-        best = run_sft(run, store, state)
-    else:
-        best = run_msft_method(run, store, state)
+    run_method = {"sft": run_sft, "msft": run_msft_method, "continual": baselines.run_continual,
+                  "sro": baselines.run_sro, "soft-sro": baselines.run_soft_sro, "ies": baselines.run_ies,
+                  "dynamix": baselines.run_dynamix}[args.method]
+    best = run_method(run, store, state)
     # the chosen checkpoint: scored on the test split, saved for serving
     run.restore(store.load(best["id"]))
     scores = run.evaluate(run.tasks, split="test")
@@ -459,6 +556,7 @@ def demo(args):
     """The built-in demo: a tiny random model on a synthetic mixture whose tasks learn and overfit at different
     speeds; SFT and mSFT one after the other (or --method's), then their curves, exclusions and final table."""
     root = Path(args.out or "runs/demo")
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread (several spin against each other)
     data_dir = data.make_demo(root / "data")
     # the demo's own settings, where the command line left the default
     default = vars(parse_args([]))

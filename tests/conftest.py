@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -30,3 +31,12 @@ def smollm2() -> Path:
     if run.returncode != 0:
         pytest.skip(f"{SMOLLM2_TOOL} failed (exit {run.returncode}): {run.stderr[-500:]}")
     return Path(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train several times faster on one thread: torch's threads spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

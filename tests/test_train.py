@@ -19,6 +19,7 @@ import msft
 import train
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 # small: 2 epochs at most, roll-outs of half an epoch, the cheap loss signal, few evaluation examples
 SMALL = ["--max-epochs", "2", "--budget", "0.5", "--interval", "0.25", "--signal", "loss", "--eval-limit", "16",
          "--batch-size", "16", "--micro-batch", "8", "--shots", "0", "--max-new-tokens", "4", "--lr", "3e-3"]

@@ -1,0 +1,382 @@
+"""The baselines mSFT is compared with (SPEC section 5), each one function over train.py's Run primitives.
+
+    python train.py --method continual --model DIR --data MIXTURE --out runs/continual
+    python train.py --method sro --model DIR --data MIXTURE --out runs/sro --search-log runs/sft/log.jsonl
+    python train.py --method soft-sro --model DIR --data MIXTURE --out runs/soft-sro    # runs its own search first
+    python train.py --method ies --model DIR --data MIXTURE --out runs/ies
+    python train.py --method dynamix --model DIR --data MIXTURE --out runs/dynamix
+    python -m pytest -q tests/test_baselines.py
+
+Every method is `run_x(run, store, state) -> best`, like train.run_sft: it says which tasks or examples are trained,
+with what weight, and when it rolls back; Run trains, evaluates, snapshots, logs and counts FLOPs for all of them.
+Each evaluates every task every --interval, logs an `eval` event with SFT's fields (plus the tokens it took),
+keeps the checkpoint with the best average over all tasks in the store (the chosen model, scored on test by
+train.train) and checkpoints its plain-JSON `state` after every evaluation, so a killed run resumes from there.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import msft
+
+EPS = msft.EPS
+ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (SPEC 5)
+
+
+# -----------------------------------------------------------------------------
+# shared by every method: its state, an evaluation, and the checkpoint after it
+
+def start(run, store, state: dict | None, **fresh) -> dict:
+    """A resumed state with its snapshots synced, or a new one: epoch, evaluations so far (the next checkpoint's
+    id), the best average, the snapshots the method holds besides the best (`hold`), whether it is done."""
+    if state is not None:
+        sync(run, store, state)
+        return state
+    return {"epoch": 0.0, "evals": 0, "best": None, "model_at": None, "hold": [], "done": False, **fresh}
+
+
+def evaluate(run, state: dict, stage: int, active: list[str]) -> dict:
+    """Score every task on the model as it is (checkpoint number state["evals"], at state["epoch"]); the best
+    average so far (the earliest on ties) becomes state["best"]. Returns the eval event, for commit to log."""
+    scores = run.evaluate(run.tasks)
+    avg = sum(scores.values()) / len(scores)
+    if state["best"] is None or avg > state["best"]["avg"]:
+        state["best"] = {"id": state["evals"], "epoch": state["epoch"], "avg": avg}
+    state["model_at"] = {"id": state["evals"], "epoch": state["epoch"]}
+    state["evals"] += 1
+    return {"event": "eval", "stage": stage, "epoch": state["epoch"], "active": sorted(active),
+            "evaluated": list(run.tasks), "scores": scores, "avg": avg,
+            "eval_tokens": int(sum(r["tokens"] for r in run.last_eval.values()))}
+
+
+def commit(run, store, state: dict, events: list[dict]):
+    """Log the events (the evaluation first), checkpoint the state, then make the store hold exactly the snapshots
+    it names. In that order, as in msft.run_msft: a kill at any moment leaves every snapshot the last checkpoint
+    needs but possibly the newest, which the resumed run takes again from the model it restored."""
+    events[0]["snapshots_held"] = len(wanted(state))
+    for e in events:
+        run.log(e)
+    run.checkpoint(state)
+    sync(run, store, state)
+
+
+def wanted(state: dict) -> set[int]:
+    return set(state["hold"]) | ({state["best"]["id"]} if state["best"] else set())
+
+
+def sync(run, store, state: dict):
+    keep = wanted(state)
+    for i in store.ids():
+        if i not in keep:
+            store.drop(i)
+    for i in sorted(keep - set(store.ids())):
+        # only the checkpoint just evaluated can be missing: the model still holds it. Rank 0 holds the snapshots;
+        # the other ranks keep empty stand-ins (run.snapshot() is {} there), as train.run_sft
+        if run.rank == 0 and i != state["model_at"]["id"]:
+            raise FileNotFoundError(f"{store}: snapshot {i} is missing, but the run needs it to continue")
+        store.save(i, run.snapshot(), {"epoch": state["model_at"]["epoch"]})
+
+
+def done(run, state: dict, stage: int, excluded=()) -> dict:
+    """The last decision: the chosen checkpoint, and the FLOPs and token counts so far (before the test split)."""
+    return {"event": "decision", "stage": stage, "kind": "done", "excluded": list(excluded), "rollback_epoch": None,
+            "epoch": state["epoch"], "best_epoch": state["best"]["epoch"], "best_avg": state["best"]["avg"],
+            "flops": run.flops.report(), "flop_tokens": dict(run.flops.tokens)}
+
+
+def advance(run, state: dict, active: list[str], end: float, weights: dict | None = None):
+    """Train `active` up to the next evaluation: one --interval, or less so as not to pass epoch `end`."""
+    step = round(min(run.args.interval, end - state["epoch"]), 9)
+    run.train(active, step, weights)
+    state["epoch"] = round(state["epoch"] + step, 9)
+
+
+# -----------------------------------------------------------------------------
+# continual SFT
+
+def run_continual(run, store, state: dict | None) -> dict:
+    """Continual SFT (Scialom et al. 2022): the tasks one after another (--task-order, default by name), each
+    trained alone for --budget epochs and evaluated every interval, then rolled back to its own best checkpoint
+    (the earliest where that task's score is highest, the phase's start included); the next task starts there."""
+    a = run.args
+    order = a.task_order or run.tasks
+    if sorted(order) != run.tasks:
+        raise SystemExit(f"--task-order {' '.join(order)}: expected each of the run's tasks {run.tasks} once")
+    state = start(run, store, state, phase=0, phase_start=0.0, task_best=None, started=True)
+    while not state["done"]:
+        k = state["phase"]
+        task = order[k]
+        if not state["started"]:  # the roll-back: parameters only, and a fresh optimizer (Run.restore)
+            run.restore(store.load(state["task_best"]["id"]))
+            state["started"] = True
+        if state["evals"]:  # the base model is evaluated first; a later phase starts at an evaluated checkpoint
+            advance(run, state, [task], state["phase_start"] + a.budget)
+        ev = evaluate(run, state, k + 1, [task])
+        best = state["task_best"]
+        if best is None or ev["scores"][task] > best["scores"][task]:  # strictly higher: ties keep the earlier
+            best = state["task_best"] = {"id": state["evals"] - 1, "epoch": state["epoch"], "scores": ev["scores"]}
+        events = [ev]
+        if state["epoch"] >= state["phase_start"] + a.budget - EPS:  # the task's budget is spent
+            nxt = order[k + 1] if k + 1 < len(order) else None
+            events.append({"event": "decision", "stage": k + 1, "kind": "next_task", "task": task, "excluded": [],
+                           "rollback_epoch": best["epoch"], "next_task": nxt})
+            if nxt is None:
+                state["done"] = True
+                events.append(done(run, state, k + 1))
+            else:  # the next phase starts from this task's best; its score for the next task is already known
+                state.update(phase=k + 1, epoch=best["epoch"], phase_start=best["epoch"], started=False)
+        state["hold"] = [best["id"]]
+        commit(run, store, state, events)
+    return state["best"]
+
+
+# -----------------------------------------------------------------------------
+# SRO and Soft SRO SFT: a search run's peaks, then a second run from the base model
+
+def peak_epochs(evals: list[dict]) -> dict[str, float]:
+    """task -> epoch of its peak in one SFT run's evaluations: the first where its score is highest."""
+    return {t: evals[i]["epoch"] for t, i in msft.peaks([e["scores"] for e in evals]).items()}
+
+
+def search(run, store, state: dict | None) -> dict:
+    """Phase (i) of SRO and Soft SRO: each task's peak epoch in one SFT run of --max-epochs (the paper's 10, as
+    SFT), run here first (logged as stage 0) or read from --search-log. Its FLOPs count either way: here through
+    the run's counter, from the log as the train and eval FLOPs of its final event. Returns the state of phase
+    (ii), with the model back at the base and the sampler as it was at the start."""
+    a = run.args
+    if state is not None:
+        sync(run, store, state)
+    elif a.search_log:
+        path = Path(a.search_log)
+        if not path.is_file():
+            raise SystemExit(f"--search-log {path}: not a file (give the log.jsonl of a finished SFT run)")
+        evals, final, tokens = [], None, 0
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                e = json.loads(line)
+                kind = e["event"]
+            except (ValueError, TypeError, KeyError) as err:
+                raise SystemExit(f"{path}:{n}: not a log event ({type(err).__name__}: {err})") from None
+            if kind == "eval":
+                if e.get("stage") != 0 or not isinstance(e.get("epoch"), (int, float)) or \
+                        not isinstance(e.get("scores"), dict) or sorted(e["scores"]) != run.tasks:
+                    raise SystemExit(f"{path}:{n}: expected an SFT evaluation (stage 0, an epoch, scores of the tasks "
+                                     f"{run.tasks}), got stage {e.get('stage')!r}, epoch {e.get('epoch')!r}, "
+                                     f"scores of {sorted(e.get('scores') or {})}")
+                if abs(e["epoch"] / a.interval - round(e["epoch"] / a.interval)) > 1e-6:
+                    raise SystemExit(f"{path}:{n}: an evaluation at epoch {e['epoch']}, off this run's --interval "
+                                     f"{a.interval}: the second run could not drop a task there")
+                evals.append(e)
+            if kind == "train":
+                if not isinstance(e.get("tokens"), int):
+                    raise SystemExit(f"{path}:{n}: a train event without its token count")
+                tokens += e["tokens"]
+            final = e if kind == "final" else final
+        f, n_params = (final or {}).get("flops"), run.n_params
+        if not evals or not isinstance(f, dict) or not all(isinstance(f.get(k), int) for k in ("train", "eval")):
+            raise SystemExit(f"{path}: no evaluations, or no final event with FLOPs: not the log of a finished SFT run")
+        if f["train"] != 6 * n_params * tokens or f["eval"] % (2 * n_params):
+            raise SystemExit(f"{path}: its FLOPs {f} are not those of this model ({n_params} parameters) over its "
+                             f"{tokens} training tokens: a search run of another model?")
+        try:
+            peaks = peak_epochs(evals)
+        except ValueError as err:  # a score that is not a finite number
+            raise SystemExit(f"{path}: {err}") from None
+        run.flops.train(f["train"] // (6 * n_params))
+        run.flops.eval(f["eval"] // (2 * n_params))
+        run.log({"event": "decision", "stage": 0, "kind": "search", "excluded": [], "rollback_epoch": 0.0,
+                 "peaks": peaks, "search_epochs": evals[-1]["epoch"], "source": str(path),
+                 "search_flops": {"train": f["train"], "eval": f["eval"]}})
+        return start(run, store, None, phase="train", peaks=peaks, search_epochs=evals[-1]["epoch"],
+                     active=list(run.tasks), started=True)
+    else:  # the base model is checkpoint 0 of both phases: held until phase (ii) has restored it
+        state = start(run, store, None, phase="search", history=[], hold=[0], sampler0=run.sampler.state_dict())
+    while state["phase"] == "search":
+        if state["evals"]:
+            advance(run, state, run.tasks, a.max_epochs)
+        ev = evaluate(run, state, 0, run.tasks)
+        state["history"].append({"epoch": ev["epoch"], "scores": ev["scores"]})
+        events = [ev]
+        if state["epoch"] >= a.max_epochs - EPS:
+            peaks = peak_epochs(state["history"])
+            events.append({"event": "decision", "stage": 0, "kind": "search", "excluded": [], "rollback_epoch": 0.0,
+                           "peaks": peaks, "search_epochs": state["epoch"], "source": "this run"})
+            # phase (ii) numbers its checkpoints from 0 again: its checkpoint 0 is the base, as the search's was
+            state.update(phase="train", peaks=peaks, search_epochs=state["epoch"], active=list(run.tasks),
+                         epoch=0.0, evals=0, best=None, started=False)
+        commit(run, store, state, events)
+    if not state["started"]:
+        run.restore(store.load(0))
+        run.sampler.load_state_dict(state["sampler0"])
+        state.update(started=True, hold=[])
+    return state
+
+
+def run_sro(run, store, state: dict | None) -> dict:
+    """SRO SFT (Appendix C, Alg. 2): (i) search(); (ii) from the base model, all tasks trained together, each
+    dropped at its recorded peak epoch (so each is trained as many passes as it took to peak in the search)."""
+    state = search(run, store, state)
+    while not state["done"]:
+        if state["evals"]:
+            advance(run, state, state["active"], state["search_epochs"])
+        ev = evaluate(run, state, 1, state["active"])
+        events = [ev]
+        out = [t for t in state["active"] if state["peaks"][t] <= state["epoch"] + EPS]
+        if out:  # no roll-back: the task just stops being trained from here
+            events.append({"event": "decision", "stage": 1, "kind": "drop", "excluded": out, "rollback_epoch": None,
+                           "epoch": state["epoch"], "peaks": {t: state["peaks"][t] for t in out}})
+            state["active"] = [t for t in state["active"] if t not in out]
+        if not state["active"] or state["epoch"] >= state["search_epochs"] - EPS:
+            state["done"] = True
+            events.append(done(run, state, 1, [t for t in run.tasks if t not in state["active"]]))
+        commit(run, store, state, events)
+    return state["best"]
+
+
+def run_soft_sro(run, store, state: dict | None) -> dict:
+    """Soft SRO SFT (Appendix C, Alg. 3): (i) search(); (ii) from the base model, all tasks for the search's epochs,
+    task i sampled with weight peak(i) / mean(peaks): early peakers get fewer examples instead of being dropped."""
+    state = search(run, store, state)
+    mean = sum(state["peaks"].values()) / len(state["peaks"])
+    weights = {t: p / mean for t, p in state["peaks"].items()} if mean > 0 else None  # None: all peak at the base
+    while not state["done"]:
+        if state["evals"]:
+            advance(run, state, run.tasks, state["search_epochs"], weights)
+        events = [evaluate(run, state, 1, run.tasks)]
+        if state["evals"] == 1:
+            events.append({"event": "decision", "stage": 1, "kind": "weights", "excluded": [], "rollback_epoch": None,
+                           "weights": weights, "peaks": state["peaks"]})
+        if weights is None or state["epoch"] >= state["search_epochs"] - EPS:
+            state["done"] = True
+            events.append(done(run, state, 1))
+        commit(run, store, state, events)
+    return state["best"]
+
+
+# -----------------------------------------------------------------------------
+# IES: instance-dependent early stopping
+
+def ies_left_out(losses: list[float], window: int, threshold: float) -> bool:
+    """IES's rule for one example (Yuan et al. 2025): mastered when its loss has stopped bending, i.e. the mean of
+    |L_t - 2 L_(t-1) + L_(t-2)| over its last `window` epochs is under `threshold`; with fewer than window + 2
+    losses it is still learning."""
+    if len(losses) < window + 2:
+        return False
+    d2 = [abs(losses[j] - 2 * losses[j - 1] + losses[j - 2]) for j in range(len(losses) - window, len(losses))]
+    return sum(d2) / window < threshold
+
+
+def run_ies(run, store, state: dict | None) -> dict:
+    """IES: SFT's schedule (the whole mixture for --max-epochs) with mastered examples left out of backprop. Each
+    example's loss is recorded as it comes up (from its training forward, or a forward-only pass while it is left
+    out: Run.skip, Run.example_loss); at each epoch's end those join the example's history and the left-out set
+    is recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
+    a = run.args
+    keep = a.ies_window + 2  # the losses the rule looks at
+    sizes = {t: len(run.train_enc[t]) for t in run.tasks}
+    state = start(run, store, state, losses={t: [[] for _ in range(n)] for t, n in sizes.items()},
+                  window={t: [[0.0, 0] for _ in range(n)] for t, n in sizes.items()},
+                  left_out={t: [] for t in run.tasks}, closed=0)
+    # this epoch's [loss sum, count] per example: rank 0 carries the sums checkpointed so far, other ranks add theirs
+    run.example_loss = {t: [list(w) if run.rank == 0 else [0.0, 0] for w in ws] for t, ws in state["window"].items()}
+    run.skip = {(t, i) for t, ids in state["left_out"].items() for i in ids}
+    while not state["done"]:
+        if state["evals"]:
+            advance(run, state, run.tasks, a.max_epochs)
+        # every rank measured its own micro-batches: sum them, and leave the sums on rank 0 only, so that the
+        # next sum counts each loss once
+        for t in run.tasks:
+            w = torch.tensor(run.example_loss[t], dtype=torch.float64, device=run.device)
+            if dist.is_initialized():
+                dist.all_reduce(w)
+            run.example_loss[t] = w.tolist() if run.rank == 0 else [[0.0, 0] for _ in w]
+            state["window"][t] = w.tolist()
+        events = [evaluate(run, state, 1, run.tasks)]
+        if math.floor(state["epoch"] + EPS) > state["closed"]:  # an epoch ended: recompute the left-out set
+            for t in run.tasks:
+                for h, (total, count) in zip(state["losses"][t], state["window"][t]):
+                    if count:  # twice when a window straddles a pass boundary: the mean
+                        h.append(total / count)
+                        del h[:-keep]
+                state["left_out"][t] = [i for i, h in enumerate(state["losses"][t])
+                                        if ies_left_out(h, a.ies_window, a.ies_threshold)]
+                state["window"][t] = [[0.0, 0] for _ in range(sizes[t])]
+                run.example_loss[t] = [[0.0, 0] for _ in range(sizes[t])]
+            run.skip = {(t, i) for t, ids in state["left_out"].items() for i in ids}
+            state["closed"] = math.floor(state["epoch"] + EPS)
+            events.append({"event": "ies", "epoch": state["epoch"], "left_out": len(run.skip),
+                           "by_task": {t: len(ids) for t, ids in state["left_out"].items()},
+                           "examples": sum(sizes.values())})
+        if state["epoch"] >= a.max_epochs - EPS:
+            state["done"] = True
+            events.append(done(run, state, 1))
+        commit(run, store, state, events)
+    run.skip, run.example_loss = set(), None
+    return state["best"]
+
+
+# -----------------------------------------------------------------------------
+# DynamixSFT: the mixture re-weighted by a bandit over one-step look-ahead rewards
+
+def dynamix_weights(q: dict[str, float], p0: dict[str, float], beta: float) -> dict[str, float]:
+    """p_k proportional to exp(beta Q_k) p0_k, mixed with GAMMA / K uniform; sums to 1."""
+    top = max(q.values())  # exp of Q - max: the same p, and no overflow
+    w = {t: math.exp(beta * (q[t] - top)) * p0[t] for t in q}
+    total = sum(w.values())
+    return {t: (1 - GAMMA) * w[t] / total + GAMMA / len(q) for t in q}
+
+
+def run_dynamix(run, store, state: dict | None) -> dict:
+    """DynamixSFT (Shin et al. 2025): SFT's schedule with the task mixture re-weighted every --dynamix-every
+    steps (default 1% of the run's steps). Each update probes every task with Run.lookahead on --dynamix-batch of
+    its examples: reward r = mean((L_pre - L_post) / L_pre), min-max normalised across tasks, smoothed into
+    Q <- ALPHA Q + (1 - ALPHA) r; then p = dynamix_weights(Q, size shares, --dynamix-beta). The look-ahead costs
+    8 N FLOPs a token (forward, backward, forward)."""
+    a = run.args
+    sizes = {t: len(run.train_enc[t]) for t in run.tasks}
+    p0 = {t: n / sum(sizes.values()) for t, n in sizes.items()}
+    every = a.dynamix_every or max(1, round(0.01 * a.max_epochs * sum(sizes.values()) / a.batch_size))
+    q0 = {t: 0.0 for t in run.tasks}
+    state = start(run, store, state, q=q0, weights=dynamix_weights(q0, p0, a.dynamix_beta))
+
+    def update():  # Run.on_step: before each optimizer step
+        if run.step % every:
+            return
+        rewards = torch.zeros(len(run.tasks), dtype=torch.float64, device=run.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=run.device)
+        for k, t in enumerate(run.tasks):
+            if k % run.world != run.rank:  # the tasks are dealt to the ranks; the sums below share the rewards
+                continue
+            rng = np.random.default_rng([a.seed, 3, run.step, k])
+            items = [(t, int(i)) for i in rng.choice(sizes[t], min(a.dynamix_batch, sizes[t]), replace=False)]
+            pre, post, n = run.lookahead(items)
+            rewards[k] = ((pre - post) / pre).mean().double()
+            tokens += n
+        if dist.is_initialized():
+            dist.all_reduce(rewards)
+            dist.all_reduce(tokens)
+        run.flops.lookahead(tokens.item())
+        r = dict(zip(run.tasks, rewards.tolist()))
+        lo, hi = min(r.values()), max(r.values())
+        state["q"] = {t: ALPHA * state["q"][t] + (1 - ALPHA) * ((r[t] - lo) / (hi - lo) if hi > lo else 0.0)
+                      for t in run.tasks}
+        state["weights"] = dynamix_weights(state["q"], p0, a.dynamix_beta)
+        run.sampler.set_weights(state["weights"])
+        run.log({"event": "dynamix", "epoch": round(run.sampler.epoch, 6), "rewards": r, "q": state["q"],
+                 "weights": state["weights"], "lookahead_tokens": int(tokens.item())})
+
+    run.on_step = update
+    while not state["done"]:
+        if state["evals"]:
+            advance(run, state, run.tasks, a.max_epochs, state["weights"])
+        events = [evaluate(run, state, 1, run.tasks)]
+        if state["epoch"] >= a.max_epochs - EPS:
+            state["done"] = True
+            events.append(done(run, state, 1))
+        commit(run, store, state, events)
+    run.on_step = None
+    return state["best"]

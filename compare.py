@@ -1,0 +1,389 @@
+"""Run several fine-tuning methods on one mixture and write the paper's comparison: tables and plots.
+
+    python compare.py                                               # the built-in demo mixture: sft and msft
+    python compare.py --methods sft msft continual sro soft-sro ies dynamix --model M --data D --out runs/cmp
+    python compare.py --methods sft msft --seeds 20 21 22 --out runs/cmp -- --budget 0.5 --signal loss
+    python compare.py --report runs/cmp                             # only rebuild the tables and plots
+
+Each method (and seed) is one `python train.py` subprocess writing to OUT/<method>[-seed<N>]/. A finished run
+(summary.json present) is skipped, a killed one continued with train.py --resume, so the same command picks up
+where it stopped. sft runs first: sro and soft-sro take its log as their search phase (--search-log). Flags after
+`--` go to every train.py run. With no --model/--data the demo mixture is built in OUT/data and the demo's flags
+are used (data.DEMO_ARGS; flags after `--` override them).
+
+Writes to OUT:
+- table.md, table.json: per method the test score of the chosen checkpoint per task and on average, and the
+  epoch of that checkpoint (the paper's Table 2); training, evaluation and total FLOPs, also relative to SFT
+  (its Table 7). With several seeds every cell is mean ± sample std.
+- curves.png (with matplotlib: `pip install matplotlib`): per-task selection scores over epochs, a panel per run,
+  each exclusion marked with its task and each roll-back drawn as a jump back in epoch (the paper's Figure 2);
+  loss.png: the training loss over optimizer steps and over epochs trained.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import data
+import train
+
+REPO = Path(__file__).resolve().parent
+SEARCH = ("sro", "soft-sro")  # their search phase is an SFT run: they read its log
+SET_HERE = ("method", "model", "data", "out", "resume", "search_log")  # train.py flags this script sets per run
+SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "flops")
+EPS = 1e-9
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not JSON ({e})")
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: expected a JSON object")
+    return obj
+
+
+# -----------------------------------------------------------------------------
+# reading run folders
+
+def read_run(folder: Path) -> dict:
+    """{"name", "args", "log", "summary"} of one train.py output folder; summary is None while it is unfinished."""
+    log_path = folder / "log.jsonl"
+    if not log_path.is_file() or not (folder / "args.json").is_file():
+        raise SystemExit(f"{folder}: no log.jsonl or args.json, so not a train.py run folder (remove it, or run it "
+                         f"with compare.py)")
+    log = []
+    for n, line in enumerate(log_path.read_text().splitlines(), 1):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{log_path}:{n}: not a JSON line ({e})")
+        if not isinstance(event, dict) or "event" not in event:
+            raise SystemExit(f"{log_path}:{n}: expected a JSON object with an 'event' key")
+        log.append(event)
+    summary = None
+    if (folder / "summary.json").is_file():
+        summary = read_json(folder / "summary.json")
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise SystemExit(f"{folder}/summary.json: missing {missing} (expected train.py's summary)")
+    return {"name": folder.name, "args": read_json(folder / "args.json"), "log": log, "summary": summary}
+
+
+def find_runs(root: Path) -> dict[str, list[dict]]:
+    """{method: its runs sorted by seed} for every ROOT/<method>[-seed<N>] folder, methods in train.METHODS order."""
+    if not root.is_dir():
+        raise SystemExit(f"{root}: not a folder")
+    runs = {}
+    for folder in sorted(root.iterdir()):
+        method = re.fullmatch(r"(.+?)(?:-seed\d+)?", folder.name)[1]
+        if folder.is_dir() and method in train.METHODS:
+            runs.setdefault(method, []).append(read_run(folder))
+    if not runs:
+        raise SystemExit(f"{root}: no run folders named <method>[-seed<N>] with a method of {list(train.METHODS)}")
+    for method, rs in runs.items():
+        rs.sort(key=lambda r: r["args"]["seed"])
+        seeds = [r["args"]["seed"] for r in rs]
+        if len(set(seeds)) < len(seeds):
+            raise SystemExit(f"{root}: two runs of {method} with the same seed ({[r['name'] for r in rs]}, seeds "
+                             f"{seeds}); remove one")
+        for r in rs:
+            if r["summary"] and r["summary"]["method"] != method:
+                raise SystemExit(f"{root}/{r['name']}/summary.json: method {r['summary']['method']!r}, but the "
+                                 f"folder's name says {method!r}")
+    return {m: runs[m] for m in train.METHODS if m in runs}
+
+
+# -----------------------------------------------------------------------------
+# the tables
+
+def cell(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def make_table(runs: dict[str, list[dict]]) -> dict:
+    """The numbers of both tables from the finished runs; unfinished ones are listed, not counted."""
+    done = {m: [r for r in rs if r["summary"]] for m, rs in runs.items()}
+    done = {m: rs for m, rs in done.items() if rs}
+    if not done:
+        raise SystemExit(f"no finished run (summary.json) among {[r['name'] for rs in runs.values() for r in rs]}")
+    first = next(iter(done.values()))[0]
+    tasks, signal = first["summary"]["tasks"], first["args"]["signal"]
+    for r in (r for rs in done.values() for r in rs):  # a table compares like with like
+        if r["summary"]["tasks"] != tasks or sorted(r["summary"]["test_scores"]) != sorted(tasks) \
+                or r["args"]["signal"] != signal:
+            raise SystemExit(f"{r['name']}: tasks {r['summary']['tasks']} and --signal {r['args']['signal']}, but "
+                             f"{first['name']} has tasks {tasks} and --signal {signal}: compare runs of one mixture")
+    methods = {}
+    for m, rs in done.items():
+        s = [r["summary"] for r in rs]
+        methods[m] = {"runs": [r["name"] for r in rs], "seeds": [r["args"]["seed"] for r in rs],
+                      "test_scores": {t: cell([x["test_scores"][t] for x in s]) for t in tasks},
+                      "test_avg": cell([x["test_avg"] for x in s]),
+                      "best_epoch": cell([x["best_epoch"] for x in s]),
+                      "flops": {k: cell([x["flops"][k] for x in s]) for k in ("train", "eval", "total")}}
+    sft = methods.get("sft")
+    for row in methods.values():  # differences and ratios of the means
+        row["avg_minus_sft"] = row["test_avg"]["mean"] - sft["test_avg"]["mean"] if sft else None
+        row["flops_over_sft"] = {k: row["flops"][k]["mean"] / sft["flops"][k]["mean"] if sft else None
+                                 for k in ("train", "eval", "total")}
+    return {"signal": signal, "tasks": tasks, "methods": methods,
+            "unfinished": [r["name"] for rs in runs.values() for r in rs if not r["summary"]]}
+
+
+def markdown(tbl: dict) -> str:
+    acc = tbl["signal"] == "acc"
+    scale, digits = (100, 1) if acc else (1, 4)  # accuracy in %, as in the paper
+
+    def fmt(c, scale=1, digits=4, form="f"):
+        s = f"{c['mean'] * scale:.{digits}{form}}"
+        return s if c["std"] is None else f"{s} ± {c['std'] * scale:.{digits if form == 'f' else 1}{form}}"
+
+    lines = ["# Test score of the chosen checkpoint per task (cf. the paper's Table 2)", "",
+             ("Accuracy in %" if acc else "Minus the mean gold-answer token loss (--signal loss; higher is better)")
+             + " on the test split, of the checkpoint each method chose on the selection split; epoch: that "
+               "checkpoint's. Several seeds: mean ± sample std.", "",
+             "| method | seeds | " + " | ".join(tbl["tasks"]) + " | avg | avg − SFT | epoch |",
+             "|---" * (len(tbl["tasks"]) + 5) + "|"]
+    for m, row in tbl["methods"].items():
+        d = row["avg_minus_sft"]
+        delta = "—" if m == "sft" or d is None else f"{d * scale:+.{digits}f}"
+        lines.append(f"| {m} | {', '.join(map(str, row['seeds']))} | "
+                     + " | ".join(fmt(row["test_scores"][t], scale, digits) for t in tbl["tasks"])
+                     + f" | {fmt(row['test_avg'], scale, digits)} | {delta} | {fmt(row['best_epoch'], digits=2)} |")
+    lines += ["", "# FLOPs per method (cf. the paper's Table 7)", "",
+              "6·N·D for training, 2·N·D for evaluation, over the tokens each run processed (flops.py).", "",
+              "| method | train | eval | total | train / SFT | eval / SFT | total / SFT |", "|---" * 7 + "|"]
+    for m, row in tbl["methods"].items():
+        ratios = [f"{x:.2f}x" if x is not None else "—" for x in row["flops_over_sft"].values()]
+        cells = [fmt(row["flops"][k], digits=3, form="e") for k in ("train", "eval", "total")] + ratios
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "sft" not in tbl["methods"]:
+        lines += ["", "No finished sft run: the columns relative to SFT are empty."]
+    if tbl["unfinished"]:
+        lines += ["", f"Unfinished runs, not in the tables: {', '.join(tbl['unfinished'])}."]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# the plots
+
+def curves(log: list[dict]) -> dict:
+    """One run's selection-score curves cut at each roll-back: {"segments": {task: [[(epoch, score), ...], ...]},
+    "jumps": [(from_epoch, to_epoch)], "drops": [(epoch, task, score there, kind)]}. A drop (mSFT, SRO) or the end
+    of a task (continual, kind next_task) is placed at its roll-back epoch, else where it was decided. After a
+    roll-back each task's next segment starts at its score at the roll-back epoch: the curve jumps back."""
+    segments, jumps, drops, last = {}, [], [], None
+
+    def jump(to):
+        jumps.append((last, to))
+        for segs in segments.values():
+            segs.append([p for p in segs[-1] if abs(p[0] - to) < EPS][-1:])
+
+    for e in log:
+        if e["event"] == "eval":
+            if last is not None and e["epoch"] < last - EPS:  # back in epoch without a decision (a new phase)
+                jump(e["epoch"])
+            for t, s in e["scores"].items():
+                seg = segments.setdefault(t, [[]])[-1]
+                if seg and abs(seg[-1][0] - e["epoch"]) < EPS:  # the roll-back point evaluated again
+                    seg.pop()
+                seg.append((e["epoch"], s))
+            last = e["epoch"]
+        elif e["event"] == "decision" and e["kind"] in ("drop", "next_task"):
+            back = e.get("rollback_epoch")
+            at = back if back is not None else e.get("epoch", last)
+            for t in e["excluded"] if e["kind"] == "drop" else [e["task"]]:
+                score = [s for epoch, s in segments.get(t, [[]])[-1] if abs(epoch - at) < EPS]
+                drops.append((at, t, score[-1] if score else None, e["kind"]))
+            if back is not None and last is not None and back < last - EPS:
+                jump(back)
+                last = back
+    return {"segments": segments, "jumps": jumps, "drops": drops}
+
+
+def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
+    """curves.png (a panel per run) and loss.png (a column per seed) in OUT; [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written")
+        return []
+
+    def save(fig, path):
+        fig.tight_layout()
+        fig.savefig(path.with_name(path.name + ".tmp"), format="png", dpi=110)
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        plt.close(fig)
+        return path
+
+    tasks = sorted({t for rs in runs.values() for r in rs for e in r["log"] if e["event"] == "eval"
+                    for t in e["scores"]})
+    color = {t: f"C{i % 10}" for i, t in enumerate(tasks)}
+    grid = list(runs.values())  # a row per method, a column per seed
+    if max(map(len, grid)) == 1:  # one seed: three panels a row rather than one tall column
+        grid = [sum(grid[i:i + 3], []) for i in range(0, len(grid), 3)]
+    ncols = max(map(len, grid))
+    fig, axes = plt.subplots(len(grid), ncols, figsize=(5.5 * ncols, 3.4 * len(grid)), squeeze=False)
+    for row, rs in zip(axes, grid):
+        for ax, r in zip(row, rs):
+            c = curves(r["log"])
+            for t, segs in sorted(c["segments"].items()):
+                for i, seg in enumerate(segs):
+                    if seg:
+                        ax.plot(*zip(*seg), color=color[t], marker=".", ms=3, label=t if i == 0 else None)
+            for frm, to in c["jumps"]:  # the roll-back itself: an arrow back in epoch along the top
+                ax.annotate("", (to, 0.97), (frm, 0.97), xycoords=("data", "axes fraction"),
+                            arrowprops=dict(arrowstyle="->", color="gray", lw=1))
+            labels = {}  # one label per epoch: tasks dropped together share it
+            for epoch, t, s, kind in c["drops"]:
+                if s is not None:
+                    ax.plot([epoch], [s], marker="*", ms=11, color=color[t], mec="k")
+                labels.setdefault(epoch, []).append(f"drop {t}" if kind == "drop" else f"{t} done")
+            for epoch, text in labels.items():
+                ax.axvline(epoch, color="gray", ls="--", lw=0.7)
+                ax.annotate(", ".join(text), (epoch, 0.94), xycoords=("data", "axes fraction"), rotation=90,
+                            va="top", ha="right", fontsize=7)
+            if r["summary"]:
+                ax.axvline(r["summary"]["best_epoch"], color="k", ls="-.", lw=0.7, label="chosen")
+            ax.set_title(r["name"] + ("" if r["summary"] else " (unfinished)"), fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("selection accuracy" if r["args"]["signal"] == "acc" else "selection score (-loss)")
+        for ax in row[len(rs):]:
+            ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    paths = [save(fig, out / "curves.png")]
+
+    # loss: a column per seed, a line per method; top row over steps, bottom row over epochs trained
+    seeds = sorted({r["args"]["seed"] for rs in runs.values() for r in rs})
+    fig, axes = plt.subplots(2, len(seeds), figsize=(5.5 * len(seeds), 6.5), squeeze=False)
+    for j, seed in enumerate(seeds):
+        for m, rs in runs.items():
+            for r in (r for r in rs if r["args"]["seed"] == seed):
+                steps = [e for e in r["log"] if e["event"] == "train"]
+                for ax, x in zip(axes[:, j], ("step", "epoch")):
+                    ax.plot([e[x] for e in steps], [e["loss"] for e in steps], lw=0.8, label=m)
+        axes[0][j].set_title(f"training loss, seed {seed}", fontsize=9)
+        axes[0][j].set_xlabel("optimizer step")
+        axes[1][j].set_xlabel("epochs trained")
+        axes[0][j].legend(fontsize=7)
+    paths.append(save(fig, out / "loss.png"))
+    return paths
+
+
+def report(root: Path) -> dict:
+    runs = find_runs(root)
+    tbl = make_table(runs)
+    write_atomic(root / "table.json", json.dumps(tbl, indent=1) + "\n")
+    md = markdown(tbl)
+    write_atomic(root / "table.md", md)
+    print("\n" + md)
+    for path in plot(runs, root):
+        print(f"wrote {path}")
+    print(f"wrote {root / 'table.md'}, {root / 'table.json'}")
+    return tbl
+
+
+# -----------------------------------------------------------------------------
+# running the methods
+
+def run_methods(args, extra: list[str]):
+    for name, values in (("--methods", args.methods), ("--seeds", args.seeds or [])):
+        if len(set(values)) < len(values):
+            raise SystemExit(f"{name} {' '.join(map(str, values))}: a value is given twice")
+    # the flags after `--`, checked at the door: train.py's own validation, and none of those set here per run
+    given, default = vars(train.parse_args(extra)), vars(train.parse_args([]))
+    clash = [k for k in SET_HERE + (("seed",) if args.seeds else ()) if given.get(k) != default.get(k)]
+    if clash:
+        raise SystemExit(f"flags after --: {['--' + k.replace('_', '-') for k in clash]} are set by compare.py "
+                         f"(--methods, --model, --data, --out, --seeds); drop them")
+    root = Path(args.out).resolve()
+    if args.model is None and args.data is None:  # the built-in demo: its mixture, tiny model and flags
+        data_dir = data.make_demo(root / "data")
+        model = str(train.demo_checkpoint(data_dir))
+        extra = [x for k, v in data.DEMO_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))] + extra
+    elif args.model is None or args.data is None:
+        raise SystemExit("give both --model and --data (or neither, for the built-in demo)")
+    else:
+        data_dir = Path(args.data).resolve()
+        if not data_dir.is_dir():
+            raise SystemExit(f"--data {args.data}: not a folder (make one with `python data.py prepare`)")
+        model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # else a hub id
+    methods = sorted(args.methods, key=lambda m: m != "sft")  # sft first: sro and soft-sro read its log
+
+    plan = []
+    for seed in args.seeds or [None]:
+        tag = "" if seed is None else f"-seed{seed}"
+        for m in methods:
+            argv = [*extra, "--method", m, "--model", model, "--data", str(data_dir), "--out", str(root / f"{m}{tag}")]
+            argv += [] if seed is None else ["--seed", str(seed)]
+            if m in SEARCH and "sft" in methods:
+                argv += ["--search-log", str(root / f"sft{tag}" / "log.jsonl")]
+            plan.append((root / f"{m}{tag}", argv, vars(train.parse_args(argv))))
+    for folder, argv, want in plan:
+        if (folder / "summary.json").is_file():
+            saved = read_json(folder / "args.json")
+            diff = {k: (saved.get(k), v) for k, v in want.items()
+                    if k not in ("resume", "log_every", "out", "search_log") and saved.get(k) != v}
+            if diff:
+                raise SystemExit(f"{folder} is a finished run with other arguments {diff} (saved, now): remove it "
+                                 f"or choose another --out")
+            print(f"{folder.name}: finished, skipped", flush=True)
+            continue
+        if (folder / "state" / "state.json").is_file():
+            argv = [*argv, "--resume"]
+            print(f"{folder.name}: resuming", flush=True)
+        elif (folder / "log.jsonl").is_file():  # killed before its first evaluation: nothing to keep
+            print(f"{folder.name}: killed before its first evaluation, starting it again", flush=True)
+            shutil.rmtree(folder)
+        else:
+            print(f"{folder.name}: starting", flush=True)
+        rc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv]).returncode
+        if rc:
+            raise SystemExit(f"train.py for {folder} exited with {rc} (its output is above); run the same command "
+                             f"again to continue")
+    return report(root)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # what follows goes to every train.py run
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=train.METHODS, default=None,
+                   help="methods to run (default: sft msft)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the demo's tiny model)")
+    p.add_argument("--data", default=None, help="mixture folder from `python data.py prepare` (default: the demo's)")
+    p.add_argument("--out", default="runs/compare", help="where the run folders, tables and plots go")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="one run per method and seed, in <method>-seed<N>/ (default: train.py's seed, in <method>/)")
+    p.add_argument("--report", metavar="DIR", default=None, help="only rebuild the tables and plots of DIR's runs")
+    args = p.parse_args(argv)
+    if args.report is not None:
+        given = [f for f, v in (("--methods", args.methods), ("--model", args.model), ("--data", args.data),
+                                ("--seeds", args.seeds), ("flags after --", extra or None)) if v is not None]
+        if given or args.out != p.get_default("out"):
+            p.error(f"--report only reads the runs in DIR; drop {given or ['--out']}")
+        return report(Path(args.report))
+    args.methods = args.methods or ["sft", "msft"]
+    return run_methods(args, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""baselines.py on a small copy of the demo mixture (48 training rows a task), each method through train.train, its
+log checked against its rule by a replay written here: continual trains one task a phase and rolls back to that
+task's earliest best; SRO drops each task at the peak found in the search's evaluations, and its search run here and
+one read from an SFT log give the same second run; Soft SRO samples with peak / mean weights; IES leaves out exactly
+the examples whose loss histories pass the rule, measures their losses forward-only, and its per-example losses and
+gradient equal a one-example-at-a-time computation; DynamixSFT's probabilities are the bandit update recomputed from
+the logged rewards, and Run.lookahead is one plain gradient step by hand (and by transformers on the real SmolLM2
+checkpoint and real rows). Every method's FLOPs equal the hand count 6N train + 2N forward + 8N look-ahead + 2N
+eval tokens (+ the search run's), and a run killed right after a checkpoint resumes to the same log."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import baselines
+import data
+import msft
+import train
+
+SMALL = ["--interval", "0.25", "--signal", "loss", "--eval-limit", "16", "--batch-size", "16", "--micro-batch", "8",
+         "--shots", "0", "--max-new-tokens", "4", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    # conftest's one_thread for the whole module, so that the module-scoped sft_log trains on one thread too: a
+    # tiny model on a busy 2-core machine ran 10x slower with a second torch thread spinning against the first
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """The demo's four tasks cut to 48 training, 16 selection and 8 test rows each (12 steps an epoch at batch 16)."""
+    demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
+    train.demo_checkpoint(demo)
+    out = tmp_path_factory.mktemp("mix")
+    manifest = json.loads((demo / "manifest.json").read_text())
+    for t in manifest["tasks"]:
+        (out / t).mkdir()
+        for split, n in (("train", 48), ("selection", 16), ("test", 8)):
+            rows = (demo / t / f"{split}.jsonl").read_text().splitlines()[:n]
+            (out / t / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
+            manifest["tasks"][t]["sizes"][split] = n
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(demo / "model", out / "model")
+    return out
+
+
+def run_train(out, mix, method, *extra):
+    args = train.parse_args(["--method", method, "--out", str(out), *SMALL, *extra])
+    return train.train(args, mix / "model", mix)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def n_params(mix):
+    return sum(p.numel() for p in train.Transformer.from_pretrained(mix / "model").parameters())
+
+
+def spy(monkeypatch, cls, name, record):
+    """Wrap cls.name so that record(self, args, result) sees every call."""
+    orig = getattr(cls, name)
+
+    def wrapper(self, *args):
+        out = orig(self, *args)
+        record(self, args, out)
+        return out
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+def check_common(log, final, mix, stages, search_flops=None):
+    """What every method owes: every task evaluated at every checkpoint, SFT's eval fields, the chosen checkpoint the
+    best average among `stages`' evaluations (the earliest on ties), FLOPs equal to the hand count of the log."""
+    tasks = sorted(data.load_mixture(mix))
+    evals = [e for e in log if e["event"] == "eval"]
+    for e in evals:
+        assert {"stage", "epoch", "active", "evaluated", "scores", "avg", "snapshots_held", "eval_tokens"} <= set(e)
+        assert e["evaluated"] == tasks and sorted(e["scores"]) == tasks
+        assert e["avg"] == pytest.approx(sum(e["scores"].values()) / len(tasks), abs=1e-12)
+    chosen = [e for e in evals if e["stage"] in stages]
+    best = max(chosen, key=lambda e: e["avg"])  # max keeps the first of equals
+    assert (final["best_epoch"], final["best_avg"]) == (best["epoch"], best["avg"])
+    n = n_params(mix)
+    tok = lambda key, event: sum(e.get(key, 0) for e in log if e["event"] == event)
+    hand = {"train": 6 * n * tok("tokens", "train") + 2 * n * tok("forward_tokens", "train")
+            + 8 * n * tok("lookahead_tokens", "dynamix"), "eval": 2 * n * tok("eval_tokens", "eval")}
+    if search_flops:
+        hand = {k: v + search_flops[k] for k, v in hand.items()}
+    done = [e for e in log if e["event"] == "decision" and e["kind"] == "done"]
+    assert len(done) == 1 and log[-1]["event"] == "final"
+    assert (done[0]["flops"]["train"], done[0]["flops"]["eval"]) == (hand["train"], hand["eval"])
+    assert final["flops"]["train"] == hand["train"] and final["flops"]["eval"] > hand["eval"]  # + the test split
+
+
+# -----------------------------------------------------------------------------
+# continual SFT
+
+def test_continual_trains_one_task_a_phase_and_rolls_back_to_its_best(tmp_path, mix, monkeypatch):
+    order = ["sum", "key", "code", "first"]
+    batches, loads = [], []
+    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: batches.append(sorted({t for t, _ in out})))
+    spy(monkeypatch, msft.SnapshotStore, "load", lambda s, a, out: loads.append(a[0]))
+    final = run_train(tmp_path, mix, "continual", "--budget", "0.5", "--task-order", *order)
+    log = read_log(tmp_path)
+    check_common(log, final, mix, stages={1, 2, 3, 4})
+    # one task per batch, the phases in --task-order, each a contiguous run of batches
+    assert all(len(b) == 1 for b in batches)
+    phases = [b[0] for k, b in enumerate(batches) if k == 0 or b != batches[k - 1]]
+    assert phases == order
+    # replay: phase k's candidates are its start (the previous roll-back target, already evaluated) and its evals
+    evals = [e for e in log if e["event"] == "eval"]
+    decisions = [e for e in log if e["event"] == "decision" and e["kind"] == "next_task"]
+    start, targets = None, []
+    for k, task in enumerate(order):
+        phase = [e for e in evals if e["stage"] == k + 1]
+        assert all(e["active"] == [task] for e in phase)
+        assert [e["epoch"] for e in phase] == \
+               [(start["epoch"] if start else 0.0) + j * 0.25 for j in range(0 if start is None else 1, 3)]
+        cands = ([start] if start else []) + phase
+        best = max(cands, key=lambda e: e["scores"][task])  # the first of equals: the earliest
+        assert decisions[k]["task"] == task and decisions[k]["rollback_epoch"] == best["epoch"]
+        start = best
+        targets.append(evals.index(best))  # checkpoint ids count the evaluations
+        assert all(e["snapshots_held"] <= 2 for e in phase)
+    # the store gave back each phase's roll-back target, then the chosen checkpoint for the test split
+    chosen = evals.index(max(evals, key=lambda e: e["avg"]))
+    assert loads == targets[:-1] + [chosen]
+
+
+# -----------------------------------------------------------------------------
+# SRO and Soft SRO
+
+def brute_peaks(evals):
+    tasks = sorted(evals[0]["scores"])
+    return {t: max(evals, key=lambda e: e["scores"][t])["epoch"] for t in tasks}
+
+
+@pytest.fixture(scope="module")
+def sft_log(mix, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    run_train(out, mix, "sft", "--max-epochs", "2")
+    return out / "log.jsonl"
+
+
+def test_sro_drops_each_task_at_its_searched_peak(tmp_path, mix, sft_log, monkeypatch):
+    batches = []
+    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: batches.append({t for t, _ in out}))
+    final = run_train(tmp_path / "here", mix, "sro", "--max-epochs", "2")
+    log = read_log(tmp_path / "here")
+    check_common(log, final, mix, stages={1})
+    search_evals = [e for e in log if e["event"] == "eval" and e["stage"] == 0]
+    peaks = brute_peaks(search_evals)
+    assert len(set(peaks.values())) > 1, f"the tasks should peak apart for this test to bite: {peaks}"
+    (search,) = [e for e in log if e.get("kind") == "search"]
+    assert search["peaks"] == peaks and search["source"] == "this run"
+    # the search run here is the SFT run (same base, same sampler, same seed): the same evaluations
+    sft = [e for e in (json.loads(line) for line in sft_log.read_text().splitlines()) if e["event"] == "eval"]
+    assert [(e["epoch"], e["scores"]) for e in search_evals] == [(e["epoch"], e["scores"]) for e in sft]
+    # phase (ii): a task is trained until the checkpoint at its peak epoch, then dropped there
+    second = log[log.index(search) + 1:]
+    drops = {t: e["epoch"] for e in second if e.get("kind") == "drop" for t in e["excluded"]}
+    assert drops == peaks
+    trained = iter(batches[len([e for e in log[:log.index(search)] if e["event"] == "train"]):])
+    dropped = set()
+    for e in second:
+        if e["event"] == "eval":
+            assert e["active"] == sorted(t for t in peaks if t not in dropped)
+        elif e["event"] == "decision" and e["kind"] == "drop":
+            dropped |= set(e["excluded"])
+        elif e["event"] == "train":
+            assert not next(trained) & dropped
+    # until the first drop the second run repeats the search: the model and the sampler were reset
+    first_drop = min(peaks.values())
+    again = [(e["epoch"], e["scores"]) for e in second if e["event"] == "eval" and e["epoch"] <= first_drop]
+    assert again == [(e["epoch"], e["scores"]) for e in search_evals if e["epoch"] <= first_drop]
+
+    # the same from the SFT run's log: the same second run, its FLOPs counted from that log's final event
+    final2 = run_train(tmp_path / "log", mix, "sro", "--max-epochs", "2", "--search-log", str(sft_log))
+    log2 = read_log(tmp_path / "log")
+    sft_final = json.loads(sft_log.read_text().splitlines()[-1])
+    check_common(log2, final2, mix, stages={1}, search_flops=sft_final["flops"])
+    strip = lambda evs: [(e["event"], e.get("epoch"), e.get("scores"), e.get("excluded"))
+                         for e in evs if e["event"] in ("eval", "decision") and e.get("kind") != "done"]
+    assert strip(log2[1:]) == strip(second)
+
+
+def test_soft_sro_samples_by_peak_over_mean_peak(tmp_path, mix, sft_log, monkeypatch):
+    weights = []
+    spy(monkeypatch, data.MixtureSampler, "set_weights", lambda s, a, out: weights.append(a[0]))
+    final = run_train(tmp_path, mix, "soft-sro", "--max-epochs", "2", "--search-log", str(sft_log))
+    log = read_log(tmp_path)
+    sft = [json.loads(line) for line in sft_log.read_text().splitlines()]
+    check_common(log, final, mix, stages={1}, search_flops=sft[-1]["flops"])
+    peaks = brute_peaks([e for e in sft if e["event"] == "eval"])
+    mean = sum(peaks.values()) / len(peaks)
+    expected = {t: p / mean for t, p in peaks.items()}
+    (logged,) = [e for e in log if e.get("kind") == "weights"]
+    assert logged["weights"] == pytest.approx(expected, abs=1e-12)
+    assert weights and all(w == logged["weights"] for w in weights)  # every interval trains with them
+    # the same examples as the search: all tasks, for the search's epochs
+    evals = [e for e in log if e["event"] == "eval"]
+    assert [e["epoch"] for e in evals] == [j * 0.25 for j in range(9)]
+    assert all(e["active"] == sorted(peaks) for e in evals)
+
+
+# -----------------------------------------------------------------------------
+# IES
+
+def test_ies_rule_against_numpy():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n, w = int(rng.integers(0, 8)), int(rng.integers(1, 4))
+        h = list(rng.choice([0.5, 0.5005, 0.501, 0.7, 1.0], size=n) + rng.normal(0, 1e-4, size=n) * rng.integers(0, 2))
+        thr = float(rng.choice([1e-3, 1e-2, 0.3]))
+        want = n >= w + 2 and float(np.abs(np.diff(h, 2))[-w:].mean()) < thr
+        assert baselines.ies_left_out(h, w, thr) == want, (h, w, thr)
+    assert baselines.ies_left_out([1.0, 0.8, 0.6], 1, 1e-3)  # a straight line: no bend at all
+    assert not baselines.ies_left_out([1.0, 0.5, 0.4], 1, 1e-3)
+
+
+def test_ies_step_leaves_out_skip_and_records_every_loss(tmp_path, mix):
+    args = train.parse_args(["--method", "ies", "--out", str(tmp_path), *SMALL, "--grad-clip", "0"])
+    run = train.Run(args, mix / "model", mix)
+    run.open_log()
+    saved = run.sampler.state_dict()
+    batch = run.sampler.next_batch()
+    run.sampler.load_state_dict(saved)
+    run.skip = set(batch[::3])
+    run.example_loss = {t: [[0.0, 0] for _ in enc] for t, enc in run.train_enc.items()}
+    grads = {}
+    step = run.opt.step
+    run.opt.step = lambda: (grads.update({k: p.grad.clone() for k, p in run.model.named_parameters()}), step())
+    run.train_step()
+    # one example at a time through the base model: its loss, and the gradient of the kept examples' loss
+    model = train.Transformer.from_pretrained(mix / "model")
+    total, n_ans = 0.0, 0
+    for t, i in batch:
+        ids, labels = run.train_enc[t][i]
+        logits = model(torch.tensor([ids[:-1]]))[0]
+        target = torch.tensor(labels[1:])
+        ce = F.cross_entropy(logits[target != -100], target[target != -100], reduction="sum")
+        assert run.example_loss[t][i][1] == 1
+        assert run.example_loss[t][i][0] == pytest.approx(ce.item() / (target != -100).sum().item(), rel=1e-5)
+        if (t, i) not in run.skip:
+            total, n_ans = total + ce, n_ans + (target != -100).sum().item()
+    assert sum(c for ws in run.example_loss.values() for _, c in ws) == len(batch)
+    (total / n_ans).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
+    (event,) = read_log(tmp_path)
+    length = lambda xs: sum(len(run.train_enc[t][i][0]) - 1 for t, i in xs)
+    assert event["tokens"] == length([x for x in batch if x not in run.skip])
+    assert event["forward_tokens"] == length(run.skip) == run.flops.tokens["forward"]
+
+
+def test_ies_leaves_out_exactly_the_examples_under_the_threshold(tmp_path, mix, monkeypatch):
+    states, steps = [], []
+    spy(monkeypatch, train.Run, "checkpoint", lambda s, a, out: states.append(json.loads(json.dumps(a[0]))))
+    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: steps.append(list(out)))
+    runs = []
+    spy(monkeypatch, train.Run, "open_log", lambda s, a, out: runs.append(s))
+    w, thr = 1, 0.3
+    final = run_train(tmp_path, mix, "ies", "--max-epochs", "4", "--interval", "0.5", "--ies-window", str(w),
+                      "--ies-threshold", str(thr))
+    log = read_log(tmp_path)
+    check_common(log, final, mix, stages={1})
+    enc = runs[0].train_enc
+    length = lambda xs: sum(len(enc[t][i][0]) - 1 for t, i in xs)
+    ies = [e for e in log if e["event"] == "ies"]
+    assert [e["epoch"] for e in ies] == [1.0, 2.0, 3.0, 4.0]
+    assert 0 < ies[2]["left_out"] < ies[2]["examples"], "some but not all examples should leave for this test to bite"
+    skip, n_eval, n_train = set(), 0, 0
+    for e in log:
+        if e["event"] == "eval":
+            n_eval += 1
+        elif e["event"] == "ies":
+            state = states[n_eval - 1]  # checkpointed right after this evaluation
+            for t, hists in state["losses"].items():
+                # every example's loss was recorded once an epoch, trained or not (the rule keeps the last w + 2)
+                assert all(len(h) == min(e["epoch"], w + 2) for h in hists)
+                want = [i for i, h in enumerate(hists) if len(h) >= w + 2 and np.abs(np.diff(h, 2))[-w:].mean() < thr]
+                assert state["left_out"][t] == want and e["by_task"][t] == len(want)
+            skip = {(t, i) for t, ids in state["left_out"].items() for i in ids}
+        elif e["event"] == "train":
+            batch = steps[n_train]
+            n_train += 1
+            assert e["tokens"] == length([x for x in batch if x not in skip])
+            assert e["forward_tokens"] == length([x for x in batch if x in skip])
+    assert n_train == len(steps) == 48
+
+
+# -----------------------------------------------------------------------------
+# DynamixSFT
+
+def test_lookahead_is_one_plain_gradient_step_then_restored(tmp_path, mix):
+    args = train.parse_args(["--method", "dynamix", "--out", str(tmp_path), *SMALL])
+    run = train.Run(args, mix / "model", mix)
+    items = [("key", 0), ("key", 7), ("key", 30)]
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    pre, post, tokens = run.lookahead(items)
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in run.model.parameters())
+    # by hand: per-example mean answer loss; one step of -lr x the gradient of the batch's loss over answer tokens
+    model = train.Transformer.from_pretrained(mix / "model")
+    rows = [run.train_enc[t][i] for t, i in items]
+
+    def losses():
+        out = []
+        for ids, labels in rows:
+            target = torch.tensor(labels[1:])
+            logits = model(torch.tensor([ids[:-1]]))[0]
+            out.append((F.cross_entropy(logits[target != -100], target[target != -100], reduction="sum"),
+                        (target != -100).sum()))
+        return out
+    first = losses()
+    (sum(ce for ce, _ in first) / sum(n for _, n in first)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1e-2 * p.grad
+        second = losses()
+    torch.testing.assert_close(pre, torch.stack([ce / n for ce, n in first]).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(post, torch.stack([ce / n for ce, n in second]), rtol=1e-4, atol=1e-6)
+    assert (post < pre).all()  # the step helps the batch it was taken on
+    assert tokens == sum(len(ids) - 1 for ids, _ in rows)
+
+
+def test_dynamix_probabilities_are_the_bandit_update_of_the_logged_rewards(tmp_path, mix, monkeypatch):
+    weights = []
+    spy(monkeypatch, data.MixtureSampler, "set_weights", lambda s, a, out: weights.append(a[0]))
+    final = run_train(tmp_path, mix, "dynamix", "--max-epochs", "1", "--dynamix-every", "2")
+    log = read_log(tmp_path)
+    check_common(log, final, mix, stages={1})
+    updates = [e for e in log if e["event"] == "dynamix"]
+    assert [e["step"] for e in updates] == [0, 2, 4, 6, 8, 10]  # 12 steps, a look-ahead every 2
+    tasks = sorted(updates[0]["rewards"])
+    q = np.zeros(len(tasks))
+    for e in updates:
+        r = np.array([e["rewards"][t] for t in tasks])
+        q = 0.95 * q + 0.05 * (r - r.min()) / (r.max() - r.min())
+        p = np.exp(4 * q) * 0.25  # p0: the four tasks have 48 rows each
+        p = 0.7 * p / p.sum() + 0.3 / 4
+        assert [e["q"][t] for t in tasks] == pytest.approx(list(q), abs=1e-12)
+        assert [e["weights"][t] for t in tasks] == pytest.approx(list(p), abs=1e-12)
+        assert sum(e["weights"].values()) == pytest.approx(1, abs=1e-12)
+        top = max(tasks, key=lambda t: e["q"][t])
+        assert max(tasks, key=lambda t: e["weights"][t]) == top
+        assert e["weights"] in weights  # handed to the sampler
+        assert e["lookahead_tokens"] > 0
+    assert len({tuple(sorted(e["weights"].items())) for e in updates}) > 1  # they move with the rewards
+
+
+# -----------------------------------------------------------------------------
+# resume, and bad input
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, flags, kill_at", [
+    ("continual", ["--budget", "0.5"], 3),  # right after the first task's roll-back decision
+    ("ies", ["--max-epochs", "4", "--interval", "0.5", "--ies-threshold", "0.3"], 8),  # in epoch 4, some left out
+    ("dynamix", ["--max-epochs", "1", "--dynamix-every", "2"], 3),
+])
+def test_killed_after_a_checkpoint_resumes_to_the_same_log(tmp_path, mix, monkeypatch, method, flags, kill_at):
+    run_train(tmp_path / "ref", mix, method, *flags)
+    calls = []
+
+    def kill(self, args, out):
+        calls.append(1)
+        if len(calls) == kill_at:  # after the state is written, before the store's update: the narrowest point
+            raise Killed
+    with monkeypatch.context() as m:
+        spy(m, train.Run, "checkpoint", kill)
+        with pytest.raises(Killed):
+            run_train(tmp_path / "run", mix, method, *flags)
+    run_train(tmp_path / "run", mix, method, *flags, "--resume")
+    strip = lambda log: [{k: v for k, v in e.items() if k != "tok_per_s"} for e in log]
+    assert strip(read_log(tmp_path / "ref")) == strip(read_log(tmp_path / "run"))
+
+
+def test_bad_input_fails_naming_it(tmp_path, mix, capsys):
+    for flags, message in [(["--method", "sft", "--search-log", "x"], "--search-log is for --method sro or soft-sro"),
+                           (["--method", "ies", "--ies-window", "0"], "--ies-window must be >= 1"),
+                           (["--method", "sft", "--task-order", "a"], "--task-order is for --method continual"),
+                           (["--method", "dynamix", "--dynamix-batch", "0"], "--dynamix-batch must be >= 1")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(flags)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--task-order sum key: expected each of the run's tasks"):
+        run_train(tmp_path / "a", mix, "continual", "--task-order", "sum", "key")
+    with pytest.raises(SystemExit, match="--search-log .*nope.jsonl: not a file"):
+        run_train(tmp_path / "b", mix, "sro", "--search-log", str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    ev = {"event": "eval", "stage": 0, "epoch": 0.0, "scores": {"code": -1.0, "first": -1.0}}
+    bad.write_text(json.dumps(ev) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: expected an SFT evaluation \(stage 0, an epoch, scores"):
+        run_train(tmp_path / "c", mix, "soft-sro", "--search-log", str(bad))
+    bad.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:1: not a log event"):
+        run_train(tmp_path / "d", mix, "sro", "--search-log", str(bad))
+    scores = {t: -1.0 for t in ("code", "first", "key", "sum")}
+    bad.write_text(json.dumps({**ev, "scores": scores}) + "\n" + json.dumps({"event": "train", "tokens": 10}) + "\n"
+                   + json.dumps({"event": "final", "flops": {"train": 61, "eval": 0, "total": 61}}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl: its FLOPs .* are not those of this model"):
+        run_train(tmp_path / "e", mix, "sro", "--search-log", str(bad))
+
+
+def test_lookahead_on_smollm2_real_rows_matches_transformers(tmp_path, smollm2, shared_data):
+    """The per-example loss IES and DynamixSFT use, and the look-ahead step, on the real checkpoint and real rows,
+    against transformers' own loss (mean cross-entropy over the labels that are not -100) and a step taken on it."""
+    transformers = pytest.importorskip("transformers")
+    data.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy"], n_train=4, n_selection=1, n_test=1, seed=20)
+    args = train.parse_args(["--method", "dynamix", "--model", str(smollm2), "--data", str(tmp_path / "mix"),
+                             "--out", str(tmp_path / "run"), "--lr", "1e-3", "--batch-size", "4", "--micro-batch", "4"])
+    run = train.Run(args, smollm2, tmp_path / "mix")
+    items = [("arc_easy", i) for i in range(4)]
+    pre, post, tokens = run.lookahead(items)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    rows = [run.train_enc[t][i] for t, i in items]
+    n = torch.tensor([sum(l != -100 for l in labels[1:]) for _, labels in rows])
+
+    def losses():
+        return torch.stack([hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+                            for ids, labels in rows])
+    first = losses()
+    ((first * n).sum() / n.sum()).backward()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p -= 1e-3 * p.grad
+        second = losses()
+    torch.testing.assert_close(pre, first.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(post, second, rtol=1e-4, atol=1e-5)
+    assert ((pre - post) / pre).abs().min() > 1e-3  # the step moved the losses well beyond the tolerance
+    assert tokens == sum(len(ids) - 1 for ids, _ in rows)
