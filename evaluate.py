@@ -1,6 +1,7 @@
 """Few-shot greedy evaluation: per-task accuracy and gold-target loss, batched, with a shared-prefix KV cache.
 
-    python evaluate.py --model /root/.cache/msft-real/smollm2-135m-instruct --data /tmp/mix --split test --limit 200
+    python data.py prepare --source ../shared/data --out mix        # once: a mixture folder
+    python evaluate.py --model /root/.cache/msft-real/smollm2-135m-instruct --data mix --split test --limit 200
 
 Every question of a task is asked after the same `shots` worked examples from the training split (fixed by the seed;
 a question that is itself one of them gets other shots), so the keys/values of that shared prefix are computed once
