@@ -33,9 +33,10 @@ def smollm2() -> Path:
     return Path(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models train several times faster on one thread: torch's threads spin against each other."""
+    """For a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): such models run many
+    times faster on one thread; on a busy 2-core machine a second torch thread spins against the first."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -21,18 +21,10 @@ import data
 import msft
 import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = ["--interval", "0.25", "--signal", "loss", "--eval-limit", "16", "--batch-size", "16", "--micro-batch", "8",
          "--shots", "0", "--max-new-tokens", "4", "--lr", "1e-2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_module():
-    # conftest's one_thread for the whole module, so that the module-scoped sft_log trains on one thread too: a
-    # tiny model on a busy 2-core machine ran 10x slower with a second torch thread spinning against the first
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

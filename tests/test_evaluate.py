@@ -16,20 +16,13 @@ import evaluate as ev
 from data import Example, convert, encode_prompts, format_prompt, format_target, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEQ0123456789 \n:#.,?"
 
 
 # -----------------------------------------------------------------------------
 # fixtures: a character tokenizer, a tiny random model, synthetic tasks
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine 2 OpenMP threads ran these tests 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
