@@ -1,9 +1,10 @@
-"""Fine-tune a language model on a mixture of tasks: plain SFT or mSFT, on one process or many (DDP).
+"""Fine-tune a language model on a mixture of tasks: SFT, mSFT or a baseline, on one process or many (DDP).
 
     python train.py                                   # built-in demo: tiny model, synthetic mixture, SFT vs mSFT
     python train.py --method msft --model DIR_OR_HUB_ID --data MIXTURE --out runs/msft
     torchrun --standalone --nproc_per_node=8 train.py --method msft --model Qwen/Qwen2.5-0.5B --data mix --out runs/q
     python train.py ... --resume                      # continue a killed run from its last completed evaluation
+    python train.py --method sro --search-log runs/sft/log.jsonl ...   # baselines: continual sro soft-sro ies dynamix
 
 A mixture folder comes from `python data.py prepare`. The run writes to --out: log.jsonl (one event a line, as it
 happens), summary.json, model/ (the chosen checkpoint, loadable by transformers), snapshots/ and state/ (for resume).
