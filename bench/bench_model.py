@@ -3,6 +3,7 @@
     python bench/bench_model.py                       # CPU, fp32, the real SmolLM2-135M-Instruct, batch 4 x 256
     python bench/bench_model.py --device cuda --shape qwen2.5-0.5b --batch-size 8 --seq-len 1024   # GPU, bf16, MFU
     python bench/bench_model.py --device cpu --shape tiny --dtype bfloat16    # the GPU path, on a CPU in a minute
+    python bench/bench_model.py --threads 1 --clock cpu    # a CPU shared with other jobs: count our CPU time only
 
 Times a forward pass (no grad) and a training step (forward, cross-entropy, backward, AdamW), eager and under
 torch.compile (both models compiled), and prints | what | ours | transformers | ratio | with the model FLOP
@@ -43,7 +44,7 @@ parser.add_argument("--model", default=str(Path.home() / ".cache/msft-real/smoll
 parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                    help="compute dtype: bfloat16 is autocast over fp32 weights (default: bfloat16 on cuda, else float32)")
+                    help="bfloat16: autocast over fp32 weights (default: bfloat16 on cuda, float32 on cpu)")
 # how much
 parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
 parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
@@ -51,6 +52,9 @@ parser.add_argument("--warmup", type=int, default=1, help="untimed steps before 
 parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
 parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
 parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this thread's CPU time, which other jobs on the machine do not "
+                         "inflate (needs --threads 1 on the CPU: other threads' work would go uncounted)")
 # mfu
 parser.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense TFLOP/s of the device for MFU (H100 SXM bf16: 989)")
@@ -73,10 +77,13 @@ try:
 except ImportError:
     sys.exit("bench_model.py compares against transformers: pip install -r requirements-dev.txt")
 
+if args.threads is not None and args.threads < 1:
+    parser.error(f"--threads {args.threads}: expected a positive integer")
+if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+    parser.error("--clock cpu: expected --threads 1 and --device cpu (it counts the calling thread only)")
 if args.threads is not None:
-    if args.threads < 1:
-        parser.error(f"--threads {args.threads}: expected a positive integer")
     torch.set_num_threads(args.threads)
+clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 device_type = args.device.split(":")[0]
 dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
 autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -97,15 +104,16 @@ with tempfile.TemporaryDirectory() as tmp:
 ours.to(args.device).train()
 hf.to(args.device).train()  # neither model has dropout: train() and eval() compute the same
 cfg = ours.config
-n_params = sum(p.numel() for p in ours.parameters())  # the tied head counted once: the lookup is free, the matmul is not
+# a tied head counted once: the embedding lookup costs nothing, the head's matmul is the 2·N
+n_params = sum(p.numel() for p in ours.parameters())
 
 batch = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=args.device)
 idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
 
 with torch.no_grad(), autocast:
     diff = (ours(idx) - hf(idx, use_cache=False).logits.float()).abs().max().item()
-print(f"{args.shape or args.model}: {n_params / 1e6:.1f}M parameters, batch {args.batch_size} x "
-      f"{args.seq_len}, {dtype} on {args.device}, {torch.get_num_threads()} CPU threads (load average "
+print(f"{args.shape or args.model}: {n_params / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len}, "
+      f"{dtype} on {args.device}, {args.clock} clock, {torch.get_num_threads()} CPU threads (load average "
       f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); max |logit difference| ours vs transformers: {diff:.2e}")
 
 # -----------------------------------------------------------------------------
@@ -120,12 +128,12 @@ def timed(ours_fn, hf_fn) -> tuple[float, float]:
         for fn, ts in zip((ours_fn, hf_fn), times):
             if device_type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if device_type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
