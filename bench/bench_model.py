@@ -2,7 +2,7 @@
 
     python bench/bench_model.py                       # CPU, fp32, the real SmolLM2-135M-Instruct, batch 4 x 256
     python bench/bench_model.py --device cuda --shape qwen2.5-0.5b --batch-size 8 --seq-len 1024   # GPU, bf16, MFU
-    python bench/bench_model.py --device cpu --shape tiny --dtype bfloat16    # the GPU path, on a CPU in a minute
+    python bench/bench_model.py --device cpu --shape tiny --dtype bfloat16    # the GPU path, as a smoke test on a CPU
     python bench/bench_model.py --threads 1 --clock cpu    # a CPU shared with other jobs: count our CPU time only
 
 Times a forward pass (no grad) and a training step (forward, cross-entropy, backward, AdamW), eager and under
