@@ -29,7 +29,7 @@ import data
 import flops
 import msft
 from evaluate import evaluate
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, resolve_checkpoint
 
 METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 
@@ -603,7 +603,6 @@ def main(argv=None):
         raise SystemExit(f"--data {args.data}: not a folder (make one with `python data.py prepare`)")
     args.method = args.method or "msft"
     args.out = args.out or f"runs/{args.method}"
-    from model import resolve_checkpoint
     train(args, resolve_checkpoint(args.model), Path(args.data))
     if dist.is_initialized():
         dist.destroy_process_group()
