@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
 import msft
 
 EPS = msft.EPS
@@ -88,22 +89,23 @@ def done(run, state: dict, stage: int, excluded=()) -> dict:
             "flops": run.flops.report(), "flop_tokens": dict(run.flops.tokens)}
 
 
-def advance(run, state: dict, active: list[str], end: float, weights: dict | None = None):
-    """Train `active` up to the next evaluation: one --interval, or less so as not to pass epoch `end`."""
-    step = round(min(run.args.interval, end - state["epoch"]), 9)
-    run.train(active, step, weights)
-    state["epoch"] = round(state["epoch"] + step, 9)
+def advance(run, state: dict, active: list[str], origin: float, end: float, weights: dict | None = None):
+    """Train `active` (trained together since epoch `origin`) up to the next evaluation: one --interval, or less so
+    as not to pass epoch `end`."""
+    state["epoch"] = round(min(state["epoch"] + run.args.interval, end), 9)
+    run.train(active, origin, state["epoch"], weights)
 
 
 # -----------------------------------------------------------------------------
 # continual SFT
 
-def run_continual(run, store, state: dict | None) -> dict:
-    """Continual SFT (Scialom et al. 2022): the tasks one after another (--task-order, default by name), each
-    trained alone for --budget epochs and evaluated every interval, then rolled back to its own best checkpoint
-    (the earliest where that task's score is highest, the phase's start included); the next task starts there."""
+def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
+    """Continual SFT (Scialom et al. 2022): the tasks one after another (--task-order; default the paper's listing
+    order, data.TASKS, then a user's own tasks by name), each trained alone for --budget epochs and evaluated every
+    interval, then rolled back to its own best checkpoint (the earliest where that task's score is highest, the
+    phase's start included); the next task starts there, and the last task's best is the final model."""
     a = run.args
-    order = a.task_order or run.tasks
+    order = a.task_order or sorted(run.tasks, key=lambda t: (data.TASKS.index(t), "") if t in data.TASKS else (99, t))
     if sorted(order) != run.tasks:
         raise SystemExit(f"--task-order {' '.join(order)}: expected each of the run's tasks {run.tasks} once")
     state = start(run, store, state, phase=0, phase_start=0.0, task_best=None, started=True)
@@ -114,7 +116,7 @@ def run_continual(run, store, state: dict | None) -> dict:
             run.restore(store.load(state["task_best"]["id"]))
             state["started"] = True
         if state["evals"]:  # the base model is evaluated first; a later phase starts at an evaluated checkpoint
-            advance(run, state, [task], state["phase_start"] + a.budget)
+            advance(run, state, [task], state["phase_start"], state["phase_start"] + a.budget)
         ev = evaluate(run, state, k + 1, [task])
         best = state["task_best"]
         if best is None or ev["scores"][task] > best["scores"][task]:  # strictly higher: ties keep the earlier
@@ -131,7 +133,8 @@ def run_continual(run, store, state: dict | None) -> dict:
                 state.update(phase=k + 1, epoch=best["epoch"], phase_start=best["epoch"], started=False)
         state["hold"] = [best["id"]]
         commit(run, store, state, events)
-    return state["best"]
+    run.restore(store.load(state["task_best"]["id"]))
+    return state["best"], state["task_best"]
 
 
 # -----------------------------------------------------------------------------
@@ -192,22 +195,22 @@ def search(run, store, state: dict | None) -> dict:
                  "peaks": peaks, "search_epochs": evals[-1]["epoch"], "source": str(path),
                  "search_flops": {"train": f["train"], "eval": f["eval"]}})
         return start(run, store, None, phase="train", peaks=peaks, search_epochs=evals[-1]["epoch"],
-                     active=list(run.tasks), started=True)
+                     active=list(run.tasks), origin=0.0, started=True)
     else:  # the base model is checkpoint 0 of both phases: held until phase (ii) has restored it
         state = start(run, store, None, phase="search", history=[], hold=[0], sampler0=run.sampler.state_dict())
     while state["phase"] == "search":
         if state["evals"]:
-            advance(run, state, run.tasks, a.max_epochs)
+            advance(run, state, run.tasks, 0.0, run.sft_epochs)
         ev = evaluate(run, state, 0, run.tasks)
         state["history"].append({"epoch": ev["epoch"], "scores": ev["scores"]})
         events = [ev]
-        if state["epoch"] >= a.max_epochs - EPS:
+        if state["epoch"] >= run.sft_epochs - EPS:
             peaks = peak_epochs(state["history"])
             events.append({"event": "decision", "stage": 0, "kind": "search", "excluded": [], "rollback_epoch": 0.0,
                            "peaks": peaks, "search_epochs": state["epoch"], "source": "this run"})
             # phase (ii) numbers its checkpoints from 0 again: its checkpoint 0 is the base, as the search's was
             state.update(phase="train", peaks=peaks, search_epochs=state["epoch"], active=list(run.tasks),
-                         epoch=0.0, evals=0, best=None, started=False)
+                         origin=0.0, epoch=0.0, evals=0, best=None, started=False)
         commit(run, store, state, events)
     if not state["started"]:
         run.restore(store.load(0))
@@ -216,13 +219,13 @@ def search(run, store, state: dict | None) -> dict:
     return state
 
 
-def run_sro(run, store, state: dict | None) -> dict:
+def run_sro(run, store, state: dict | None) -> tuple[dict, dict]:
     """SRO SFT (Appendix C, Alg. 2): (i) search(); (ii) from the base model, all tasks trained together, each
     dropped at its recorded peak epoch (so each is trained as many passes as it took to peak in the search)."""
     state = search(run, store, state)
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, state["active"], state["search_epochs"])
+            advance(run, state, state["active"], state["origin"], state["search_epochs"])
         ev = evaluate(run, state, 1, state["active"])
         events = [ev]
         out = [t for t in state["active"] if state["peaks"][t] <= state["epoch"] + EPS]
@@ -230,14 +233,15 @@ def run_sro(run, store, state: dict | None) -> dict:
             events.append({"event": "decision", "stage": 1, "kind": "drop", "excluded": out, "rollback_epoch": None,
                            "epoch": state["epoch"], "peaks": {t: state["peaks"][t] for t in out}})
             state["active"] = [t for t in state["active"] if t not in out]
+            state["origin"] = state["epoch"]  # the rest are trained together from here: their epochs count anew
         if not state["active"] or state["epoch"] >= state["search_epochs"] - EPS:
             state["done"] = True
             events.append(done(run, state, 1, [t for t in run.tasks if t not in state["active"]]))
         commit(run, store, state, events)
-    return state["best"]
+    return state["best"], state["model_at"]
 
 
-def run_soft_sro(run, store, state: dict | None) -> dict:
+def run_soft_sro(run, store, state: dict | None) -> tuple[dict, dict]:
     """Soft SRO SFT (Appendix C, Alg. 3): (i) search(); (ii) from the base model, all tasks for the search's epochs,
     task i sampled with weight peak(i) / mean(peaks): early peakers get fewer examples instead of being dropped."""
     state = search(run, store, state)
@@ -245,7 +249,7 @@ def run_soft_sro(run, store, state: dict | None) -> dict:
     weights = {t: p / mean for t, p in state["peaks"].items()} if mean > 0 else None  # None: all peak at the base
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, run.tasks, state["search_epochs"], weights)
+            advance(run, state, run.tasks, 0.0, state["search_epochs"], weights)
         events = [evaluate(run, state, 1, run.tasks)]
         if state["evals"] == 1:
             events.append({"event": "decision", "stage": 1, "kind": "weights", "excluded": [], "rollback_epoch": None,
@@ -254,40 +258,45 @@ def run_soft_sro(run, store, state: dict | None) -> dict:
             state["done"] = True
             events.append(done(run, state, 1))
         commit(run, store, state, events)
-    return state["best"]
+    return state["best"], state["model_at"]
 
 
 # -----------------------------------------------------------------------------
 # IES: instance-dependent early stopping
 
 def ies_left_out(losses: list[float], window: int, threshold: float) -> bool:
-    """IES's rule for one example (Yuan et al. 2025): mastered when its loss has stopped bending, i.e. the mean of
-    |L_t - 2 L_(t-1) + L_(t-2)| over its last `window` epochs is under `threshold`; with fewer than window + 2
-    losses it is still learning."""
-    if len(losses) < window + 2:
+    """IES's rule for one example, as its reference code has it (Yuan et al. 2025: second_derivative, k = 1): with
+    d_t = L_t - 2 L_(t-1) + L_(t-2) the second difference of its per-epoch losses, it is mastered when the mean of
+    |d| over the last `window` epochs is under `threshold`; the code asks for window + 1 second differences first
+    (window + 3 losses), so an example can leave after its (window + 3)-th epoch at the earliest."""
+    if len(losses) < window + 3:
         return False
     d2 = [abs(losses[j] - 2 * losses[j - 1] + losses[j - 2]) for j in range(len(losses) - window, len(losses))]
     return sum(d2) / window < threshold
 
 
-def run_ies(run, store, state: dict | None) -> dict:
-    """IES: SFT's schedule (the whole mixture for --max-epochs) with mastered examples left out of backprop. Each
-    example's loss is recorded as it comes up (from its training forward, or a forward-only pass while it is left
-    out: Run.skip, Run.example_loss); at each epoch's end those join the example's history and the left-out set
-    is recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
+def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
+    """IES: SFT's schedule (the whole mixture for --max-epochs) with mastered examples left out. Each epoch is one
+    pass over the examples not left out, in full-size steps (so fewer steps as examples leave); each trained
+    example's loss is recorded from its training forward (Run.example_loss), and after the epoch the left-out ones'
+    losses are measured forward-only (Run.measure). Those join every example's history and the left-out set is
+    recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
     a = run.args
-    keep = a.ies_window + 2  # the losses the rule looks at
+    keep = a.ies_window + 3  # the losses the rule looks at
     sizes = {t: len(run.train_enc[t]) for t in run.tasks}
     state = start(run, store, state, losses={t: [[] for _ in range(n)] for t, n in sizes.items()},
                   window={t: [[0.0, 0] for _ in range(n)] for t, n in sizes.items()},
                   left_out={t: [] for t in run.tasks}, closed=0)
     # this epoch's [loss sum, count] per example: rank 0 carries the sums checkpointed so far, other ranks add theirs
     run.example_loss = {t: [list(w) if run.rank == 0 else [0.0, 0] for w in ws] for t, ws in state["window"].items()}
-    run.skip = {(t, i) for t, ids in state["left_out"].items() for i in ids}
+    run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, run.tasks, a.max_epochs)
-        # every rank measured its own micro-batches: sum them, and leave the sums on rank 0 only, so that the
+            advance(run, state, run.tasks, state["closed"], run.sft_epochs)
+        closing = math.floor(state["epoch"] + EPS) > state["closed"]  # an epoch ended
+        if closing:
+            measured = run.measure(sorted(run.sampler.skip))
+        # every rank recorded its own micro-batches: sum them, and leave the sums on rank 0 only, so that the
         # next sum counts each loss once
         for t in run.tasks:
             w = torch.tensor(run.example_loss[t], dtype=torch.float64, device=run.device)
@@ -296,27 +305,27 @@ def run_ies(run, store, state: dict | None) -> dict:
             run.example_loss[t] = w.tolist() if run.rank == 0 else [[0.0, 0] for _ in w]
             state["window"][t] = w.tolist()
         events = [evaluate(run, state, 1, run.tasks)]
-        if math.floor(state["epoch"] + EPS) > state["closed"]:  # an epoch ended: recompute the left-out set
+        if closing:  # every example has its loss of this epoch: recompute the left-out set
             for t in run.tasks:
                 for h, (total, count) in zip(state["losses"][t], state["window"][t]):
-                    if count:  # twice when a window straddles a pass boundary: the mean
-                        h.append(total / count)
-                        del h[:-keep]
+                    h.append(total / count)
+                    del h[:-keep]
                 state["left_out"][t] = [i for i, h in enumerate(state["losses"][t])
                                         if ies_left_out(h, a.ies_window, a.ies_threshold)]
                 state["window"][t] = [[0.0, 0] for _ in range(sizes[t])]
                 run.example_loss[t] = [[0.0, 0] for _ in range(sizes[t])]
-            run.skip = {(t, i) for t, ids in state["left_out"].items() for i in ids}
+            run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
             state["closed"] = math.floor(state["epoch"] + EPS)
-            events.append({"event": "ies", "epoch": state["epoch"], "left_out": len(run.skip),
+            events.append({"event": "ies", "epoch": state["epoch"], "left_out": len(run.sampler.skip),
                            "by_task": {t: len(ids) for t, ids in state["left_out"].items()},
-                           "examples": sum(sizes.values())})
-        if state["epoch"] >= a.max_epochs - EPS:
+                           "examples": sum(sizes.values()), "forward_tokens": int(measured)})
+        if state["epoch"] >= run.sft_epochs - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
         commit(run, store, state, events)
-    run.skip, run.example_loss = set(), None
-    return state["best"]
+    run.sampler.set_skip(())
+    run.example_loss = None
+    return state["best"], state["model_at"]
 
 
 # -----------------------------------------------------------------------------
@@ -330,7 +339,7 @@ def dynamix_weights(q: dict[str, float], p0: dict[str, float], beta: float) -> d
     return {t: (1 - GAMMA) * w[t] / total + GAMMA / len(q) for t in q}
 
 
-def run_dynamix(run, store, state: dict | None) -> dict:
+def run_dynamix(run, store, state: dict | None) -> tuple[dict, dict]:
     """DynamixSFT (Shin et al. 2025): SFT's schedule with the task mixture re-weighted every --dynamix-every
     steps (default 1% of the run's steps). Each update probes every task with Run.lookahead on --dynamix-batch of
     its examples: reward r = mean((L_pre - L_post) / L_pre), min-max normalised across tasks, smoothed into
@@ -339,7 +348,7 @@ def run_dynamix(run, store, state: dict | None) -> dict:
     a = run.args
     sizes = {t: len(run.train_enc[t]) for t in run.tasks}
     p0 = {t: n / sum(sizes.values()) for t, n in sizes.items()}
-    every = a.dynamix_every or max(1, round(0.01 * a.max_epochs * sum(sizes.values()) / a.batch_size))
+    every = a.dynamix_every or max(1, round(0.01 * run.sft_epochs * sum(sizes.values()) / a.batch_size))
     q0 = {t: 0.0 for t in run.tasks}
     state = start(run, store, state, q=q0, weights=dynamix_weights(q0, p0, a.dynamix_beta))
 
@@ -366,17 +375,17 @@ def run_dynamix(run, store, state: dict | None) -> dict:
                       for t in run.tasks}
         state["weights"] = dynamix_weights(state["q"], p0, a.dynamix_beta)
         run.sampler.set_weights(state["weights"])
-        run.log({"event": "dynamix", "epoch": round(run.sampler.epoch, 6), "rewards": r, "q": state["q"],
+        run.log({"event": "dynamix", "epoch": round(run.epoch, 6), "rewards": r, "q": state["q"],
                  "weights": state["weights"], "lookahead_tokens": int(tokens.item())})
 
     run.on_step = update
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, run.tasks, a.max_epochs, state["weights"])
+            advance(run, state, run.tasks, 0.0, run.sft_epochs, state["weights"])
         events = [evaluate(run, state, 1, run.tasks)]
-        if state["epoch"] >= a.max_epochs - EPS:
+        if state["epoch"] >= run.sft_epochs - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
         commit(run, store, state, events)
     run.on_step = None
-    return state["best"]
+    return state["best"], state["model_at"]

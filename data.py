@@ -390,35 +390,32 @@ def encode_example(tok, eos_id, ex, max_len) -> tuple[list[int], list[int]] | No
 # the mixture sampler
 
 class MixtureSampler:
-    """Global batches of (task, index) over the active tasks, identical for every world size.
+    """Global batches of (task, index) over the active tasks, the same on every rank and at every world size.
 
-    Plain mode: pass k is a seeded permutation of every item of every task; draws walk it and skip inactive
-    tasks, so each active example comes exactly once per pass and exclusion takes effect at the next draw.
-    Weighted mode (set_weights): each slot picks task i with probability w_i / sum(w over active tasks), then
-    the next example of that task's own seeded cycle (no repeats within a task until it is used up).
-    epoch = examples drawn / size of the active mixture, re-based whenever the active set changes.
+    An epoch is one pass over the active examples (the release's): each pass is a fresh seeded permutation of them,
+    cut into steps of `batch` examples, the last step of a pass taking only what is left. A new active set, or a
+    new set of skipped examples (IES), ends the pass: the next draw starts a pass over the new set.
+    Weighted mode (set_weights): each slot of a step picks task i with probability w_i / sum(active w), then the
+    next example of that task's own seeded cycle (no repeats within a task until it is used up); a pass is then as
+    many draws as there are active examples, so epochs keep their length.
     The random streams are keyed by (seed, pass or step), so the state is a handful of counters: plain JSON.
     """
 
-    def __init__(self, sizes: dict[str, int], global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sizes: dict[str, int], batch: int, seed: int):
         if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes.values()):
             raise ValueError(f"sizes must give every task a positive number of examples, got {sizes}")
-        if not isinstance(world_size, int) or world_size < 1 or rank not in range(world_size):
-            raise ValueError(f"rank {rank} of world_size {world_size}: expected 0 <= rank < world_size")
-        if not isinstance(global_batch, int) or global_batch < 1 or global_batch % world_size:
-            raise ValueError(f"global_batch {global_batch} must be a positive multiple of world_size {world_size}")
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.sizes, self.global_batch, self.seed = dict(sizes), global_batch, seed
-        self.rank, self.world_size = rank, world_size
+        self.sizes, self.batch, self.seed = dict(sizes), batch, seed
         self.tasks = sorted(sizes)
-        self.items = [(t, i) for t in self.tasks for i in range(sizes[t])]  # item j of every pass permutation
         self.active = tuple(self.tasks)
+        self.skip: frozenset = frozenset()           # (task, index) left out of the passes (IES)
         self.weights = None
         self.step = 0                                # global batches drawn
-        self.pass_index, self.pass_pos = 0, 0        # plain mode: position in pass permutation pass_index
+        self.pass_index, self.pos = 0, 0             # the current pass, and how many of its examples are drawn
         self.cursors = {t: [0, 0] for t in self.tasks}  # weighted mode: task -> [cycle, position]
-        self.epoch_base, self.consumed = 0.0, 0      # epoch = epoch_base + consumed / active size
         self._perms = {}                             # cache: stream key -> permutation
 
     def _perm(self, key: tuple, n: int):
@@ -428,22 +425,40 @@ class MixtureSampler:
             self._perms[key] = np.random.default_rng([self.seed, *key]).permutation(n)
         return self._perms[key]
 
-    @property
-    def epoch(self) -> float:
-        n = sum(self.sizes[t] for t in self.active)
-        return self.epoch_base + (self.consumed / n if n else 0.0)
+    def items(self) -> list[tuple[str, int]]:
+        """The examples one pass goes over, in a fixed order: the active tasks' examples that are not skipped."""
+        return [(t, i) for t in self.active for i in range(self.sizes[t]) if (t, i) not in self.skip]
 
-    @epoch.setter
-    def epoch(self, value: float):  # e.g. after a roll-back to a checkpoint at a known epoch
-        self.epoch_base, self.consumed = float(value), 0
+    @property
+    def size(self) -> int:
+        """Examples in one pass: one epoch of the active mixture."""
+        return sum(self.sizes[t] for t in self.active) - sum(t in self.active for t, _ in self.skip)
+
+    def next_size(self) -> int:
+        """How many examples the next step takes: a full batch, or what is left of the pass."""
+        left = self.size - self.pos
+        return min(self.batch, left if left > 0 else self.size)
+
+    def _new_pass(self):
+        self.pass_index, self.pos = self.pass_index + 1, 0
 
     def set_active(self, tasks):
-        tasks = sorted(set(tasks))
+        tasks = tuple(sorted(set(tasks)))
         unknown = [t for t in tasks if t not in self.sizes]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}: the sampler has {', '.join(self.tasks)}")
-        self.epoch_base, self.consumed = self.epoch, 0  # progress so far keeps its value; the unit changes
-        self.active = tuple(tasks)
+        if tasks != self.active:
+            self.active = tasks
+            self._new_pass()
+
+    def set_skip(self, items):
+        items = frozenset((t, int(i)) for t, i in items)
+        bad = [(t, i) for t, i in items if t not in self.sizes or not 0 <= i < self.sizes[t]]
+        if bad:
+            raise ValueError(f"no example {bad[0]} to skip: the sampler has {self.sizes}")
+        if items != self.skip:
+            self.skip = items
+            self._new_pass()
 
     def set_weights(self, weights: dict[str, float] | None):
         if weights is not None:
@@ -458,18 +473,16 @@ class MixtureSampler:
         self.weights = weights
 
     def next_batch(self) -> list[tuple[str, int]]:
-        """This rank's share (every world_size-th item from rank) of the next global batch."""
-        if not self.active:
-            raise ValueError("no active task left to sample from")
+        """The next global batch, in sampling order."""
+        if not self.size:
+            raise ValueError("no active example left to sample from")
+        if self.pos >= self.size:
+            self._new_pass()
+        take = self.next_size()
         if self.weights is None:
-            batch, active = [], set(self.active)
-            while len(batch) < self.global_batch:
-                if self.pass_pos == len(self.items):
-                    self.pass_index, self.pass_pos = self.pass_index + 1, 0
-                item = self.items[self._perm((0, self.pass_index), len(self.items))[self.pass_pos]]
-                self.pass_pos += 1
-                if item[0] in active:
-                    batch.append(item)
+            items = self.items()
+            perm = self._perm((0, self.pass_index), len(items))
+            batch = [items[k] for k in perm[self.pos:self.pos + take]]
         else:
             missing = [t for t in self.active if t not in self.weights]
             if missing:
@@ -477,61 +490,51 @@ class MixtureSampler:
             w = np.array([self.weights[t] for t in self.active])
             if w.sum() <= 0:
                 raise ValueError(f"the active tasks {self.active} all have weight 0")
-            rng = np.random.default_rng([self.seed, 1, self.step])
-            picks = rng.choice(len(w), size=self.global_batch, p=w / w.sum())
+            picks = np.random.default_rng([self.seed, 1, self.step]).choice(len(w), size=take, p=w / w.sum())
             batch = []
             for k in picks:
                 task = self.active[k]
-                cycle, pos = self.cursors[task]
-                batch.append((task, int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])))
-                self.cursors[task] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+                while True:  # the task's own cycle, passing over skipped examples
+                    cycle, pos = self.cursors[task]
+                    i = int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])
+                    self.cursors[task] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+                    if (task, i) not in self.skip:
+                        break
+                batch.append((task, i))
         self.step += 1
-        self.consumed += self.global_batch
-        return batch[self.rank::self.world_size]
+        self.pos += take
+        return batch
 
     def state_dict(self) -> dict:
-        return {"sizes": dict(self.sizes), "global_batch": self.global_batch, "seed": self.seed,
-                "active": list(self.active), "weights": self.weights, "step": self.step,
-                "pass_index": self.pass_index, "pass_pos": self.pass_pos,
-                "cursors": {t: list(c) for t, c in self.cursors.items()},
-                "epoch_base": self.epoch_base, "consumed": self.consumed}
+        return {"sizes": dict(self.sizes), "batch": self.batch, "seed": self.seed, "active": list(self.active),
+                "skip": sorted(map(list, self.skip)), "weights": self.weights, "step": self.step,
+                "pass_index": self.pass_index, "pos": self.pos,
+                "cursors": {t: list(c) for t, c in self.cursors.items()}}
 
     def load_state_dict(self, d: dict):
-        # rank and world_size are not part of the state: a run may resume on a different number of ranks
-        for key in ("sizes", "global_batch", "seed"):
+        for key in ("sizes", "batch", "seed"):
             if d[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key} {d[key]!r} "
                                  f"but this sampler was built with {getattr(self, key)!r}")
         self.active = tuple(d["active"])
+        self.skip = frozenset((t, i) for t, i in d["skip"])
         self.weights = d["weights"]
-        self.step, self.pass_index, self.pass_pos = d["step"], d["pass_index"], d["pass_pos"]
+        self.step, self.pass_index, self.pos = d["step"], d["pass_index"], d["pos"]
         self.cursors = {t: list(c) for t, c in d["cursors"].items()}
-        self.epoch_base, self.consumed = d["epoch_base"], d["consumed"]
 
 
 # -----------------------------------------------------------------------------
-# batching: micro-batches grouped by length, then padded tensors
+# batching: micro-batches of a length-sorted global batch, then padded tensors
 
-def micro_batches(lengths: list[int], max_tokens: int, min_fill: float = 0.9) -> list[list[int]]:
-    """Split one rank's share of a global batch into micro-batches (lists of positions into `lengths`).
-
-    lengths are the rows as collate lays them out (len(ids) - 1). Longest first, a row joins the current
-    micro-batch while it stays within max_tokens padded tokens and at least min_fill of those are real; so the
-    whole step is at least min_fill real tokens. A row longer than max_tokens goes alone. The number of
-    micro-batches varies by step and by rank (under DDP only the last one all-reduces, so that is fine).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups, real = [], 0
-    for i in order:
-        if groups:
-            width, n = lengths[groups[-1][0]], len(groups[-1]) + 1  # the first member is the widest
-            if n * width <= max_tokens and real + lengths[i] >= min_fill * n * width:
-                groups[-1].append(i)
-                real += lengths[i]
-                continue
-        groups.append([i])
-        real = lengths[i]
-    return groups
+def micro_batches(n: int, world: int, micro: int) -> list[list[range]]:
+    """The rows 0..n-1 of one global batch (sorted by length) cut into world x k contiguous micro-batches of at most
+    `micro` rows and near-equal sizes, dealt round-robin: [rank] -> its k micro-batches. Every rank gets k (empty
+    ones when n < world x k), so every rank runs as many forward and backward passes as the others, as the
+    collectives of DDP and FSDP need; similar lengths share a micro-batch, so little is padding."""
+    k = max(1, math.ceil(n / (world * micro)))
+    bounds = [round(j * n / (world * k)) for j in range(world * k + 1)]
+    parts = [range(bounds[j], bounds[j + 1]) for j in range(world * k)]
+    return [parts[r::world] for r in range(world)]
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,8 +560,8 @@ DEMO_MODEL = dict(model_type="llama", vocab_size=DEMO_VOCAB, dim=96, n_layers=2,
                   head_dim=24, hidden_dim=256, max_seq_len=512, tie_embeddings=True)
 # train.py's flags for the demo, where the command line leaves the default. shots=0: the tiny model only ever sees
 # one question per sequence, and few-shot examples would come from training rows whose tagged labels are shifted
-DEMO_ARGS = dict(lr=5e-4, batch_size=16, micro_batch=16, max_epochs=10, interval=0.25, max_len=64, shots=0,
-                 max_new_tokens=8, signal="loss")
+DEMO_ARGS = dict(lr=5e-4, batch_size=16, micro_batch=16, interval=0.25, max_len=64, shots=0, max_new_tokens=8,
+                 signal="loss")
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     python -m pytest -q tests/test_msft.py                                     # drives it with a simulated one
 
     store = msft.SnapshotStore("runs/msft/snapshots")        # or msft.SnapshotStore() to keep the copies in memory
-    state = msft.run_msft(tasks, hooks, budget=1.0, interval=0.25, max_epochs=10.0, store=store)
+    state = msft.run_msft(tasks, hooks, budget=3.0, interval=0.25, store=store)   # the release's protocol
     best_params = store.load(state.best["id"])                # the global best; the model itself ends as the final one
 
 Small to large: peaks/decide/needed are pure functions of scores (plain data, no tensors, no I/O, STYLE rule 10);
@@ -29,42 +29,54 @@ import torch
 from safetensors.torch import load_file, save_file
 
 EPS = 1e-9  # epochs closer than this are the same point (sums of float intervals)
+DECIMALS = 4  # the release rounds accuracies to 4 decimals before it looks for peaks
+SFT_EPOCHS = 10.0  # SFT's length in the paper, and the baselines' (train.py --max-epochs)
+# the release drops, of the tasks peaking first together, the first of its tasks by hub id in ASCII order
+# (data.HUB); a user's own tasks come after these, by name
+RELEASE_ORDER = ("hellaswag", "arc_easy", "openbookqa", "sciq", "winogrande", "aqua_rat", "boolq", "gsm8k",
+                 "medmcqa", "commonsense_qa")
 
 
 # -----------------------------------------------------------------------------
 # the decision: pure functions of one stage's scores
 
-def peaks(history: list[dict[str, float]]) -> dict[str, int]:
-    """task -> index of its peak in one stage's history: the first checkpoint where its score is highest."""
+def peaks(history: list[dict[str, float]], decimals: int | None = DECIMALS) -> dict[str, int]:
+    """task -> index of its peak in one stage's history: the first checkpoint where its score, rounded to `decimals`
+    as the release rounds accuracies, is highest."""
     if not history:
         raise ValueError("empty history: a stage has at least its start checkpoint")
-    peak = {}
+    peak, best = {}, {}
     for i, scores in enumerate(history):
         if set(scores) != set(history[0]):
             raise ValueError(f"checkpoint {i} scores tasks {sorted(scores)}, checkpoint 0 {sorted(history[0])}")
         for t, s in scores.items():
             if not isinstance(s, numbers.Real) or not math.isfinite(s):
                 raise ValueError(f"task {t!r} at checkpoint {i}: score {s!r} (expected a finite number)")
-            if t not in peak or s > history[peak[t]][t]:  # strictly higher: a tie keeps the earlier peak
-                peak[t] = i
+            s = s if decimals is None else round(s, decimals)
+            if t not in peak or s > best[t]:  # strictly higher: a tie keeps the earlier peak
+                peak[t], best[t] = i, s
     return peak
 
 
-def decide(history: list[dict[str, float]], ties: str = "all") -> tuple[list[str], int | None]:
+def decide(history: list[dict[str, float]], ties: str = "first", order=RELEASE_ORDER,
+           decimals: int | None = DECIMALS) -> tuple[list[str], int | None]:
     """One stage's decision from its history (checkpoints in order, the active tasks' scores at each):
-    (tasks to exclude, sorted; index of the roll-back checkpoint), or ([], None) when no task peaked before the
-    stage's last checkpoint. ties="all" excludes every task peaking at the earliest peak, "first" only the first
-    by name (the official code)."""
+    (tasks to exclude; index of the roll-back checkpoint), or ([], None) when no task peaked before the stage's
+    last checkpoint. Of the tasks peaking at the earliest peak, ties="first" excludes one, the first in `order`
+    (tasks not in it come after, by name), as the release does; ties="all" excludes them all, sorted by name."""
     if ties not in ("all", "first"):
         raise ValueError(f"ties={ties!r}: expected 'all' or 'first'")
-    peak = peaks(history)
+    peak = peaks(history, decimals)
     if not peak:
         raise ValueError("no active task in the history: nothing to decide")
     t_star = min(peak.values())
     if t_star == len(history) - 1:  # nothing overfit inside the budget
         return [], None
     out = sorted(t for t, i in peak.items() if i == t_star)
-    return (out if ties == "all" else out[:1]), t_star
+    if ties == "first":
+        order = list(order)
+        out = sorted(out, key=lambda t: (order.index(t), "") if t in order else (len(order), t))[:1]
+    return out, t_star
 
 
 def needed(history: list[dict], active: list[str], best_id: int) -> set[int]:
@@ -160,7 +172,7 @@ class SnapshotStore:
 class LoopState:
     """Where the loop is, as plain JSON data: enough to continue exactly after a kill."""
     tasks: list[str]        # every task, sorted
-    config: dict            # budget, interval, max_epochs, ties, eval_excluded: a resumed run must pass the same
+    config: dict            # run_msft's settings: a resumed run must pass the same
     stage: int              # from 1
     epoch: float            # epoch of the current checkpoint, cumulative from the base model
     active: list[str]
@@ -185,11 +197,14 @@ class LoopState:
         return cls(**json.loads(json.dumps(d)))  # a deep copy: the caller's dict stays untouched
 
 
-def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, max_epochs: float, store: SnapshotStore,
-             ties: str = "all", eval_excluded: str = "every", state: LoopState | None = None) -> LoopState:
-    """Run mSFT to the end, or continue `state` (the last one passed to hooks.checkpoint) after a kill.
+def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: SnapshotStore, max_stages: int = 10,
+             max_epochs: float | None = None, ties: str = "first", order=RELEASE_ORDER, eval_excluded: str = "every",
+             state: LoopState | None = None) -> LoopState:
+    """Run mSFT to the end, or continue `state` (the last one passed to hooks.checkpoint) after a kill. It ends when
+    no task is left or after max_stages stages (the release: 10), or at max_epochs cumulative epochs if given.
 
-    hooks: train(active, epochs), evaluate(tasks) -> {task: score}, snapshot() -> params, restore(params) (the
+    hooks: train(active, origin, until) (train the active mixture, which began to be trained at epoch `origin`, up to
+    epoch `until`), evaluate(tasks) -> {task: score}, snapshot() -> params, restore(params) (the
     caller also resets its optimizer), log(event), checkpoint(state) (called after every evaluation, decision and
     the end: persist it with the model, optimizer, sampler and log length; the model then is the one of checkpoint
     state.model_at). Every stage after the first begins with
@@ -200,10 +215,10 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, max_epo
     tasks excluded in earlier stages once per stage, at the checkpoint the next stage starts from (Appendix F),
     and carries their latest score into the averages in between.
     """
-    config = {"budget": budget, "interval": interval, "max_epochs": max_epochs, "ties": ties,
-              "eval_excluded": eval_excluded}
-    if not (budget > 0 and interval > 0 and max_epochs > 0):
-        raise ValueError(f"budget, interval and max_epochs must be > 0, got {config}")
+    config = {"budget": budget, "interval": interval, "max_stages": max_stages, "max_epochs": max_epochs,
+              "ties": ties, "order": list(order), "eval_excluded": eval_excluded}
+    if not (budget > 0 and interval > 0 and max_stages >= 1 and (max_epochs is None or max_epochs > 0)):
+        raise ValueError(f"budget, interval, max_stages and max_epochs must be > 0, got {config}")
     if ties not in ("all", "first") or eval_excluded not in ("every", "rollback"):
         raise ValueError(f"ties must be 'all' or 'first' and eval_excluded 'every' or 'rollback', got {config}")
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
@@ -262,15 +277,15 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, max_epo
             start["scores"].update(scores)
             state.pending = []
             events = [scored(start, scores)]
-        elif not state.active or state.epoch >= max_epochs - EPS:
+        elif not state.active or state.stage > max_stages or state.epoch >= (max_epochs or math.inf) - EPS:
             state.done = True
             events = [{"event": "decision", "stage": state.stage - 1, "kind": "done", "excluded": list(state.excluded),
                        "rollback_epoch": None, "epoch": state.epoch, "best_epoch": state.best["epoch"],
                        "best_avg": state.best["avg"], "snapshots_peak": store.peak_held}]  # SFT holds 1
         else:  # one interval of the roll-out; the last one of a stage may be shorter so as not to pass max_epochs
-            end = round(min(start["epoch"] + budget, max_epochs), 9)
+            end = round(min(start["epoch"] + budget, max_epochs or math.inf), 9)
             epoch = round(min(start["epoch"] + len(state.history) * interval, end), 9)
-            hooks.train(list(state.active), round(epoch - state.epoch, 9))
+            hooks.train(list(state.active), start["epoch"], epoch)
             scores = evaluate(tasks if eval_excluded == "every" else state.active, epoch)
             ckpt = {"id": state.next_id, "stage": state.stage, "epoch": epoch,
                     "scores": {**state.history[-1]["scores"], **scores}}
@@ -280,7 +295,7 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, max_epo
             events = [scored(ckpt, scores)]
             if epoch >= end - EPS:  # the stage's last checkpoint: decide
                 hist = [{t: h["scores"][t] for t in state.active} for h in state.history]
-                out, i = decide(hist, ties)
+                out, i = decide(hist, ties, order)
                 target = ckpt if i is None else state.history[i]
                 events.append({"event": "decision", "stage": state.stage, "kind": "drop" if out else "no_drop",
                                "excluded": out, "rollback_epoch": None if i is None else target["epoch"],

@@ -28,8 +28,10 @@ import baselines
 import data
 import flops
 import msft
+import parallel
 from evaluate import evaluate
 from model import ModelConfig, Transformer, resolve_checkpoint
+from parallel import print0
 
 METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 
@@ -37,7 +39,7 @@ METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 # -----------------------------------------------------------------------------
 # arguments
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--method", choices=METHODS, default=None,
@@ -47,15 +49,17 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks of the mixture only (default: all)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>, or runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed evaluation")
-    # the algorithm (SPEC sections 3, 8)
-    p.add_argument("--budget", type=float, default=1.0, help="mSFT compute budget C: epochs per roll-out")
-    p.add_argument("--interval", type=float, default=0.25, help="evaluate every this many epochs")
-    p.add_argument("--max-epochs", type=float, default=10.0, help="bound on cumulative epochs (SFT trains this long)")
-    p.add_argument("--ties", choices=("all", "first"), default="all",
-                   help="tasks peaking together at the earliest peak: exclude all, or only the first by name (official code)")
+    # the algorithm (SPEC sections 3, 9)
+    p.add_argument("--budget", type=float, default=3.0, help="mSFT compute budget C: epochs per roll-out (Table 2: 3)")
+    p.add_argument("--interval", type=float, default=0.25, help="evaluate every this many epochs of the active mixture")
+    p.add_argument("--max-stages", type=int, default=10, help="mSFT stops after this many stages (the release: 10)")
+    p.add_argument("--max-epochs", type=float, default=None,
+                   help="SFT and the baselines train this long (default 10); caps mSFT's cumulative epochs only when given")
+    p.add_argument("--ties", choices=("first", "all"), default="first",
+                   help="of the tasks peaking first together, exclude the first in the release's order (SPEC 9), or all")
     p.add_argument("--signal", choices=("acc", "loss"), default="acc", help="score: accuracy, or minus the gold-answer loss (cheap)")
     p.add_argument("--eval-excluded", choices=("every", "rollback"), default="every",
-                   help="evaluate excluded tasks at every checkpoint, or once at the roll-back (paper's FLOPs)")
+                   help="evaluate excluded tasks at every checkpoint (the release), or once at the roll-back (Appendix F)")
     p.add_argument("--snapshots", choices=("disk", "memory"), default="disk",
                    help="where roll-back snapshots live (memory: faster, but a killed run cannot resume)")
     # the baselines (SPEC 5, baselines.py)
@@ -65,16 +69,24 @@ def parse_args(argv=None):
                         "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
     p.add_argument("--ies-threshold", type=float, default=1e-3,
                    help="ies: an example whose mean |second difference| of loss is under this is left out of backprop")
-    p.add_argument("--ies-window", type=int, default=1,
-                   help="ies: epochs that mean is over (1: an example can leave once it has 3 losses, as in Appendix F)")
+    p.add_argument("--ies-window", type=int, default=3,
+                   help="ies: epochs that mean is over (the reference code: 3; an example can leave after window + 3 "
+                        "epochs at the earliest)")
     p.add_argument("--dynamix-every", type=int, default=0, help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
     p.add_argument("--dynamix-batch", type=int, default=8, help="dynamix: examples per task in each look-ahead")
     p.add_argument("--dynamix-beta", type=float, default=4.0, help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
-    # optimisation (paper: lr 1e-5 constant, no warmup, Adam without weight decay, batch 64, seed 20)
+    # optimisation (the release: Adam lr 1e-5 constant, no warmup, no weight decay, no clipping, batch 64, seed 20)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=64, help="effective batch (examples per optimizer step, all ranks)")
-    p.add_argument("--micro-batch", type=int, default=8, help="examples per forward pass on one rank")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off); 1.0 is HF Trainer's default")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="examples per optimizer step, all ranks together (the last step of an epoch takes what is left)")
+    p.add_argument("--micro-batch", type=int, default=8, help="at most this many examples per forward pass on one rank")
+    p.add_argument("--loss-group", type=int, default=4,
+                   help="the step's loss is the mean over groups of this many examples (in sampling order) of each "
+                        "group's token-mean loss, as the release's micro-batches of 4; 0: the token mean of the step")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: off (the release has none)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32: fp32 weights and Adam states, bf16 autocast on GPUs; bf16: pure bf16 weights and Adam "
+                        "states, no master copy (the release)")
     p.add_argument("--max-len", type=int, default=512, help="longer training examples are dropped and counted")
     p.add_argument("--seed", type=int, default=20)
     # evaluation
@@ -83,21 +95,31 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--select-on", choices=("selection", "test"), default="selection",
-                   help="split that scores checkpoints; 'test' reproduces the official code (selects on test)")
+                   help="split that scores checkpoints; 'test' reproduces the release (selects on the reported data)")
+    # output
+    p.add_argument("--save-final", action="store_true",
+                   help="also save the model the method ended with in final-model/ (model/ is the global best)")
     # system
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training forward (default: on for cuda)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast with fp32 master weights (default: on for cuda)")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --precision fp32: bf16 autocast (default: on for cuda)")
     p.add_argument("--log-every", type=int, default=1, help="console line every N steps")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     checks = [
         (args.budget > 0, "--budget must be > 0"),
         (0 < args.interval <= args.budget, "--interval must be > 0 and no larger than --budget"),
-        (args.max_epochs >= args.interval, "--max-epochs must be at least --interval"),
+        (args.max_stages >= 1, "--max-stages must be >= 1"),
+        (args.max_epochs is None or args.max_epochs >= args.interval, "--max-epochs must be at least --interval"),
         (args.lr > 0, "--lr must be > 0"),
         (args.batch_size > 0 and args.micro_batch > 0, "--batch-size and --micro-batch must be > 0"),
+        (args.loss_group >= 0, "--loss-group must be >= 0"),
         (args.max_len > 8, "--max-len must be > 8"),
         (args.eval_limit is None or args.eval_limit > 0, "--eval-limit must be > 0"),
         (args.shots >= 0, "--shots must be >= 0"),
@@ -115,40 +137,38 @@ def parse_args(argv=None):
     return args
 
 
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags the command line names, even where it gives the default value."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 # -----------------------------------------------------------------------------
-# distributed setup: the one place that knows about ranks
+# the loss of one optimizer step
 
-def setup_distributed(device_flag=None):
-    """(ddp, rank, local_rank, world_size, device); NCCL on GPUs, gloo on CPUs."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    kind = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
-    if kind == "cuda":
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=device if kind == "cuda" else None)
-    return ddp, rank, local_rank, world, device
-
-
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
-
-
-def all_sum(x: float, device) -> float:
-    if dist.is_initialized():
-        t = torch.tensor(float(x), dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item()
-    return x
+def loss_weights(n_answer: list[int], group: int) -> list[float]:
+    """Each example's weight per answer token, so that the step's loss is the weighted sum of token losses.
+    group G: the global batch, in sampling order, cut into groups of G examples (the last may be smaller); the loss
+    is the mean over groups of each group's token mean (the release: micro-batches of 4 examples, each a token
+    mean, accumulated and averaged over ranks). group 0: the token mean over the whole step (STYLE rule 8)."""
+    if group == 0:
+        return [1 / sum(n_answer)] * len(n_answer)
+    groups = [range(s, min(s + group, len(n_answer))) for s in range(0, len(n_answer), group)]
+    w = [0.0] * len(n_answer)
+    for g in groups:
+        tokens = sum(n_answer[j] for j in g)
+        for j in g:
+            w[j] = 1 / (len(groups) * tokens)
+    return w
 
 
 def example_losses(logits, targets):
-    """(B,) each row's mean cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off the
-    answer. The per-example loss of IES and DynamixSFT (baselines.py)."""
+    """(B,) each row's summed cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off
+    the answer. Computed in fp32 whatever the logits' dtype."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
-    return ce.view(targets.shape).sum(1) / (targets != -100).sum(1).clamp(min=1)
+    return ce.view(targets.shape).sum(1)
 
 
 def write_json(path: Path, obj):
@@ -162,18 +182,18 @@ def write_json(path: Path, obj):
 
 class Run:
     """Holds one training run and gives the methods (and msft.run_msft) its primitives: train the active mixture
-    for some epochs, evaluate tasks, snapshot/restore parameters, log an event, checkpoint for resume."""
+    up to an epoch, evaluate tasks, snapshot/restore parameters, log an event, checkpoint for resume."""
 
     def __init__(self, args, model_dir: Path, data_dir: Path):
         self.args = args
-        self.ddp, self.rank, _, self.world, self.device = setup_distributed(args.device)
+        self.ddp, self.rank, _, self.world, self.device = parallel.setup(args.device)
         cuda = self.device.type == "cuda"
         self.compile = cuda if args.compile is None else args.compile
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if (cuda if args.bf16 is None else args.bf16) else nullcontext()
-        if args.batch_size % (self.world * args.micro_batch):
-            raise SystemExit(f"--batch-size {args.batch_size} must be divisible by world size {self.world} x "
-                             f"--micro-batch {args.micro_batch}")
+        # pure bf16 computes in bf16 anyway; fp32 weights compute in bf16 under autocast (on GPUs by default)
+        use_autocast = args.precision == "fp32" and (cuda if args.autocast is None else args.autocast)
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16) if use_autocast else nullcontext()
         self.out = Path(args.out)
+        self.sft_epochs = msft.SFT_EPOCHS if args.max_epochs is None else args.max_epochs  # SFT's length, the baselines'
         torch.manual_seed(args.seed)
 
         # data: every training example tokenized once; too-long ones dropped and counted
@@ -189,9 +209,12 @@ class Run:
                 raise SystemExit(f"{data_dir}/{t}: every training example is longer than --max-len {args.max_len}")
         # every rank draws the whole global batch and takes its micro-batches of it (train_step)
         self.sampler = data.MixtureSampler({t: len(e) for t, e in self.train_enc.items()}, args.batch_size, args.seed)
+        self.segment = None  # [active tasks, origin epoch, examples trained since the origin] (train)
+        self.epoch = 0.0     # epochs trained on the path to the model as it is, summed over segments
 
-        # model: fp32 master weights; the uncompiled module is what is evaluated, snapshotted and saved
-        self.model = Transformer.from_pretrained(model_dir, device=self.device)
+        # model: the uncompiled module is what is evaluated, snapshotted and saved
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        self.model = Transformer.from_pretrained(model_dir, device=self.device, dtype=dtype)
         if self.tok.get_vocab_size() > self.model.config.vocab_size:
             raise SystemExit(f"{model_dir}: the tokenizer has {self.tok.get_vocab_size()} tokens but the model's "
                              f"vocabulary is {self.model.config.vocab_size}")
@@ -208,17 +231,16 @@ class Run:
         self.tokens = 0
         self.t0 = time.time()
         self.log_file = None
-        # hooks for the baselines (baselines.py): IES leaves the examples in `skip` out of backprop and collects
-        # each example's loss in `example_loss` (task -> [[loss sum, count] per example]); DynamixSFT re-weights
-        # the mixture in `on_step`, called before each optimizer step
-        self.skip: set[tuple[str, int]] = set()
+        # hooks for the baselines (baselines.py): IES collects each example's loss in `example_loss` (task ->
+        # [[loss sum, token count] per example]); DynamixSFT re-weights the mixture in `on_step`, called before
+        # each optimizer step
         self.example_loss: dict | None = None
         self.on_step = None
 
     def new_optimizer(self):
-        # the official code starts the optimizer afresh at every stage; Adam without weight decay
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0.0,
-                                     fused=self.device.type == "cuda")
+        # the release starts Adam afresh at every stage: lr constant, default betas and eps, no weight decay. Its
+        # moments take the parameters' dtype: bf16 under --precision bf16, as the release's
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.args.lr, fused=self.device.type == "cuda")
 
     # --- logging -------------------------------------------------------------
 
@@ -247,55 +269,61 @@ class Run:
 
     # --- primitives ----------------------------------------------------------
 
-    def train(self, active: list[str], epochs: float, weights: dict | None = None):
-        """Optimizer steps over the active mixture until `epochs` more epochs of it are done."""
-        self.sampler.set_active(active)
+    def train(self, active: list[str], origin: float, until: float, weights: dict | None = None):
+        """Optimizer steps over the active mixture up to the step nearest epoch `until`. Epochs are counted from
+        `origin`, the epoch where these tasks began to be trained together (the run's or a stage's start, an
+        exclusion): the boundary is (until - origin) x this mixture's examples after it, so the rounding to whole
+        steps never accumulates, and an epoch's last step (smaller) ends exactly on the epoch."""
+        active = sorted(active)
+        if self.segment is None or self.segment[:2] != [active, origin]:
+            self.sampler.set_active(active)  # a new set of tasks starts a new pass; the same set goes on with its own
+            self.segment, self.epoch = [active, origin, 0], origin
         self.sampler.set_weights(weights)
-        target = self.sampler.epoch + epochs
-        while self.sampler.epoch < target - 1e-9:
+        target = round((until - origin) * self.sampler.size)
+        while self.segment[2] + self.sampler.next_size() / 2 <= target:  # the step nearest the boundary
             self.train_step()
 
     def train_step(self):
-        args = self.args
+        a = self.args
         if self.on_step is not None:
             self.on_step()
-        batch = self.sampler.next_batch()
-        measured = self.measure([x for x in batch if x in self.skip]) if self.skip else 0
-        batch = [x for x in batch if x not in self.skip]
-        t = time.time()
-        if not batch:  # IES: every example of this batch is left out; no optimizer step
-            self.log({"event": "train", "epoch": round(self.sampler.epoch, 6), "loss": None, "lr": args.lr,
-                      "tokens": 0, "forward_tokens": int(measured)})
-            return
-        # the global batch sorted by length and cut into micro-batches, dealt round-robin to the ranks: every world
-        # size computes the same micro-batches (so 1 and N ranks agree), and similar lengths pad little
-        batch = sorted(batch, key=lambda x: len(self.train_enc[x[0]][x[1]][0]))
+        if self.segment is None:  # a step outside train(): the active tasks from where the model is
+            self.segment = [list(self.sampler.active), self.epoch, 0]
+        batch = self.sampler.next_batch()  # the global batch, in sampling order
         enc = [self.train_enc[t][i] for t, i in batch]
-        parts = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)][self.rank::self.world]
-        # the loss is normalised by the answer tokens of the whole optimizer step, over all ranks (STYLE rule 8)
-        n_ans = sum(sum(l != -100 for l in labels[1:]) for _, labels in enc)
+        n_answer = [sum(label != -100 for label in labels[1:]) for _, labels in enc]
+        weight = loss_weights(n_answer, a.loss_group)
+        # sorted by length and cut into micro-batches dealt to the ranks: any world size and --micro-batch computes
+        # the same sum, and similar lengths pad little
+        order = sorted(range(len(batch)), key=lambda j: len(enc[j][0]))
+        parts = [[order[j] for j in part] for part in data.micro_batches(len(batch), self.world, a.micro_batch)[self.rank]]
+        t = time.time()
         loss_sum, real, padded = 0.0, 0, 0
-        if not parts:  # IES under DDP can leave fewer micro-batches than ranks: join the gradient all-reduce with 0
-            with self.autocast:
-                (self.fwd(data.collate(enc[:1], self.pad)[0].to(self.device)).sum() * 0).backward()
+        by_task = torch.zeros(len(self.tasks), 2, dtype=torch.float64)  # per task: summed token loss, tokens
         for k, part in enumerate(parts):
-            chunk = [self.train_enc[t][i] for t, i in part]
-            idx, targets = data.collate(chunk, self.pad)
-            idx, targets = idx.to(self.device), targets.to(self.device)
             sync = k == len(parts) - 1 or not self.ddp
+            # a rank with no example left in this step still joins the collectives, with a loss of zero
+            rows = [enc[j] for j in part] or enc[:1]
+            idx, targets = (x.to(self.device) for x in data.collate(rows, self.pad))
             with (nullcontext() if sync else self.fwd.no_sync()), self.autocast:
-                logits = self.fwd(idx)
-                loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), reduction="sum",
-                                       ignore_index=-100)
-            (loss * self.world / n_ans).backward()  # DDP averages over ranks; undo that to get a plain sum
-            if self.example_loss is not None:
-                self.record(part, logits, targets)
+                losses = example_losses(self.fwd(idx), targets)  # (B,) summed over each row's answer tokens
+                w = torch.tensor([weight[j] for j in part] or [0.0], device=self.device)
+                loss = (losses * w).sum()
+            (loss * self.world).backward()  # DDP averages over ranks; undo that to get a plain sum
+            if not part:
+                continue
             loss_sum += loss.item()
-            real += sum(len(ids) - 1 for ids, _ in chunk)
+            real += sum(len(ids) - 1 for ids, _ in rows)
             padded += idx.numel()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        loss = all_sum(loss_sum, self.device) / n_ans
+            for j, l in zip(part, losses.detach().tolist()):
+                task, i = batch[j]
+                by_task[self.tasks.index(task)] += torch.tensor([l, n_answer[j]], dtype=torch.float64)
+                if self.example_loss is not None:  # IES: each example's mean token loss
+                    self.example_loss[task][i][0] += l / n_answer[j]
+                    self.example_loss[task][i][1] += 1
+        if a.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        loss = parallel.all_sum(loss_sum, self.device)
         if not math.isfinite(loss):
             self.log({"event": "error", "message": f"loss is {loss} at step {self.step + 1}"})
             raise SystemExit(f"stopping: the loss is {loss} at step {self.step + 1}; everything up to the last "
@@ -303,40 +331,44 @@ class Run:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        real, padded = all_sum(real, self.device), all_sum(padded, self.device)
+        real, padded = parallel.all_sum(real, self.device), parallel.all_sum(padded, self.device)
+        if dist.is_initialized():
+            by_task = by_task.to(self.device)
+            dist.all_reduce(by_task)
         self.tokens += real
         self.flops.train(real)
+        self.segment[2] += len(batch)
+        self.epoch = self.segment[1] + self.segment[2] / self.sampler.size
         dt = time.time() - t
-        event = {"event": "train", "epoch": round(self.sampler.epoch, 6), "loss": loss, "lr": args.lr,
-                 "tokens": int(real), "tok_per_s": real / dt, "real_frac": real / padded}
-        if self.example_loss is not None:
-            event["forward_tokens"] = int(measured)
-        self.log(event)
-        if self.step % args.log_every == 0:
-            eta = (args.max_epochs - self.sampler.epoch) * (time.time() - self.t0) / max(self.sampler.epoch, 1e-9)
-            print0(f"step {self.step:5d} | epoch {self.sampler.epoch:6.3f} | loss {loss:.4f} | "
-                   f"{real / dt:8.0f} tok/s | real {real / padded:.0%} | eta <= {eta / 60:.1f} min")
+        task_loss = {task: s / n for task, (s, n) in zip(self.tasks, by_task.tolist()) if n}
+        self.log({"event": "train", "epoch": round(self.epoch, 6), "examples": len(batch), "loss": loss,
+                  "task_loss": task_loss, "lr": a.lr, "tokens": int(real), "tok_per_s": real / dt,
+                  "real_frac": real / padded})
+        if self.step % a.log_every == 0:
+            print0(f"step {self.step:5d} | epoch {self.epoch:6.3f} | loss {loss:.4f} | {real / dt:8.0f} tok/s | "
+                   f"real {real / padded:.0%}")
 
     @torch.no_grad()
     def measure(self, items: list[tuple[str, int]]) -> int:
-        """IES: the losses of examples left out of backprop, by a forward-only pass (2 N FLOPs a token), into
-        example_loss; returns the tokens it took over all ranks. Micro-batches are dealt to ranks as in train_step."""
-        parts = [items[i:i + self.args.micro_batch] for i in range(0, len(items), self.args.micro_batch)]
+        """IES: the mean token losses of examples left out of backprop, by forward-only passes (2 N FLOPs a token),
+        into example_loss; returns the tokens it took over all ranks. Dealt to the ranks as in train_step."""
+        items = sorted(items, key=lambda x: len(self.train_enc[x[0]][x[1]][0]))
         real = 0
-        for part in parts[self.rank::self.world]:
-            idx, targets = data.collate([self.train_enc[t][i] for t, i in part], self.pad)
+        for part in data.micro_batches(len(items), self.world, self.args.micro_batch)[self.rank]:
+            rows = [self.train_enc[t][i] for t, i in (items[j] for j in part)]
+            if not rows:
+                continue
+            idx, targets = (x.to(self.device) for x in data.collate(rows, self.pad))
             with self.autocast:
-                logits = self.model(idx.to(self.device))  # the plain module: no gradient, no DDP all-reduce
-            self.record(part, logits, targets.to(self.device))
-            real += sum(len(self.train_enc[t][i][0]) - 1 for t, i in part)
-        real = all_sum(real, self.device)
+                losses = example_losses(self.model(idx), targets)  # the plain module: no gradient, no all-reduce
+            for j, l, n in zip(part, losses.tolist(), (targets != -100).sum(1).tolist()):
+                t, i = items[j]
+                self.example_loss[t][i][0] += l / n
+                self.example_loss[t][i][1] += 1
+            real += sum(len(ids) - 1 for ids, _ in rows)
+        real = parallel.all_sum(real, self.device)
         self.flops.forward(real)
         return real
-
-    def record(self, items: list[tuple[str, int]], logits, targets):  # IES: into example_loss, as [sum, count]
-        for (t, i), loss in zip(items, example_losses(logits.detach(), targets).tolist()):
-            self.example_loss[t][i][0] += loss
-            self.example_loss[t][i][1] += 1
 
     def lookahead(self, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """DynamixSFT's probe: each example's loss before and after one plain gradient step (the run's lr, no
@@ -345,10 +377,10 @@ class Run:
         saved = [p.detach().clone() for p in params]
         idx, targets = data.collate([self.train_enc[t][i] for t, i in items], self.pad)
         idx, targets = idx.to(self.device), targets.to(self.device)
+        n = (targets != -100).sum(1)
         with self.autocast:
             pre = example_losses(self.model(idx), targets)
-        n = (targets != -100).sum(1)
-        ((pre * n).sum() / n.sum()).backward()  # the batch's loss over its answer tokens, as a training step's
+        (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
         with torch.no_grad():
             for p in params:
                 if p.grad is not None:
@@ -358,9 +390,11 @@ class Run:
             for p, s in zip(params, saved):
                 p.copy_(s)
                 p.grad = None
-        return pre.detach(), post, sum(len(self.train_enc[t][i][0]) - 1 for t, i in items)
+        return pre.detach() / n, post / n, sum(len(self.train_enc[t][i][0]) - 1 for t, i in items)
 
-    def evaluate(self, tasks: list[str], split: str | None = None) -> dict[str, float]:
+    def evaluate(self, tasks: list[str], split: str | None = None, final: bool = False) -> dict[str, float]:
+        """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split or `split`. A final
+        evaluation (the report on the test split) is counted apart from the method's FLOPs."""
         a = self.args
         self.model.eval()
         with self.autocast:
@@ -368,7 +402,7 @@ class Run:
                            shots=a.shots, seed=a.seed, limit=a.eval_limit, batch_size=a.eval_batch,
                            max_new_tokens=a.max_new_tokens, signal=a.signal)
         self.model.train()
-        self.flops.eval(sum(r["tokens"] for r in res.values()))
+        self.flops.add("test" if final else "eval", sum(r["tokens"] for r in res.values()))
         self.last_eval = res
         return {t: (r["acc"] if a.signal == "acc" else -r["loss"]) for t, r in res.items()}
 
@@ -380,6 +414,8 @@ class Run:
                 if not (self.model.config.tie_embeddings and k == "lm_head.weight")}
 
     def restore(self, params: dict):
+        """Parameters back to a checkpoint's, a fresh optimizer, and training from there starts a new segment."""
+        self.segment = None
         with torch.no_grad():
             sd = self.model.state_dict()
             for k, v in sd.items():
@@ -406,7 +442,8 @@ class Run:
                 os.replace(folder / (files[name] + ".tmp"), folder / files[name])
             write_json(folder / "state.json", {
                 "files": files, "loop": state.to_json() if hasattr(state, "to_json") else state,
-                "sampler": self.sampler.state_dict(), "step": self.step, "tokens": self.tokens,
+                "sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch,
+                "step": self.step, "tokens": self.tokens,
                 "flops": self.flops.state_dict(), "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
             for f in folder.iterdir():  # what the new state.json does not name is an older checkpoint
                 if f.name != "state.json" and f.name not in files.values():
@@ -425,7 +462,7 @@ class Run:
                 st["step"] = st["step"].reshape(())
                 self.opt.state[p] = st
         self.sampler.load_state_dict(s["sampler"])
-        self.step, self.tokens = s["step"], s["tokens"]
+        self.segment, self.epoch, self.step, self.tokens = s["segment"], s["epoch"], s["step"], s["tokens"]
         self.flops.load_state_dict(s["flops"])
         self.t0 = time.time() - s["elapsed"]
         self.open_log(s["log_lines"])
@@ -433,19 +470,19 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
-# the methods: each says which tasks are trained, with what weight, and when it rolls back
+# the methods: each says which tasks are trained, with what weight, and when it rolls back. Each returns the global
+# best and the checkpoint the model ends with ({"id", "epoch", ...}); the store holds the best's parameters.
 
-def run_sft(run: Run, store, state: dict | None) -> dict:
-    """The whole mixture for max_epochs, evaluated every interval; the best average is the chosen checkpoint."""
-    a, tasks = run.args, run.tasks
+def run_sft(run: Run, store, state: dict | None) -> tuple[dict, dict]:
+    """The whole mixture for --max-epochs, evaluated every interval; the best average is the chosen checkpoint."""
+    a, tasks, end = run.args, run.tasks, run.sft_epochs
     if state is not None and run.rank != 0:  # rank 0 holds the best; the others keep an empty stand-in
         store.save(state["best"]["id"], {}, {})
     state = state or {"epoch": 0.0, "evals": 0, "best": None}
     while True:
         if state["evals"]:  # the base model is evaluated first, then every interval
-            step = round(min(a.interval, a.max_epochs - state["epoch"]), 9)
-            run.train(tasks, step)
-            state["epoch"] = round(state["epoch"] + step, 9)
+            state["epoch"] = round(min(state["epoch"] + a.interval, end), 9)
+            run.train(tasks, 0.0, state["epoch"])
         scores = run.evaluate(tasks)
         avg = sum(scores.values()) / len(scores)
         if state["best"] is None or avg > state["best"]["avg"]:  # one copy: the best so far
@@ -456,15 +493,15 @@ def run_sft(run: Run, store, state: dict | None) -> dict:
         state["evals"] += 1
         run.log({"event": "eval", "stage": 0, "epoch": state["epoch"], "active": tasks, "evaluated": tasks,
                  "scores": scores, "avg": avg, "snapshots_held": store.held})
-        if state["epoch"] >= a.max_epochs - 1e-9:
+        if state["epoch"] >= end - 1e-9:
             run.log({"event": "decision", "stage": 0, "kind": "done", "excluded": [], "rollback_epoch": None,
                      "epoch": state["epoch"], "best_epoch": state["best"]["epoch"], "best_avg": state["best"]["avg"]})
             run.checkpoint(state)
-            return state["best"]
+            return state["best"], {"id": state["evals"] - 1, "epoch": state["epoch"]}
         run.checkpoint(state)
 
 
-def run_msft_method(run: Run, store, state: dict | None) -> dict:
+def run_msft_method(run: Run, store, state: dict | None) -> tuple[dict, dict]:
     """mSFT: msft.run_msft drives the run's primitives (Algorithm 1); this only wires them up."""
     a = run.args
     if state is not None:
@@ -472,9 +509,25 @@ def run_msft_method(run: Run, store, state: dict | None) -> dict:
         if run.rank != 0:  # rank 0 holds the snapshots; the others keep empty stand-ins for the bookkeeping
             for i in msft.needed(state.history, state.active, state.best["id"]) - {state.model_at}:
                 store.save(i, {}, {})
-    state = msft.run_msft(run.tasks, run, budget=a.budget, interval=a.interval, max_epochs=a.max_epochs,
-                          store=store, ties=a.ties, eval_excluded=a.eval_excluded, state=state)
-    return state.best
+    # the release's order for its ten tasks; a user's own tasks come after them, by name
+    state = msft.run_msft(run.tasks, run, budget=a.budget, interval=a.interval, max_stages=a.max_stages,
+                          max_epochs=a.max_epochs, store=store, ties=a.ties, order=msft.RELEASE_ORDER,
+                          eval_excluded=a.eval_excluded, state=state)
+    return state.best, state.history[0]
+
+
+def check_interval(run: Run):
+    """Refuse, at start-up, an interval that is less than one batch of the smallest mixture the method trains."""
+    a, sizes = run.args, run.sampler.sizes
+    alone = a.method in ("msft", "sro", "continual")  # these come down to one task at a time
+    task = min(sizes, key=sizes.get) if alone else None
+    n = sizes[task] if alone else sum(sizes.values())
+    per_interval = a.interval * n
+    if per_interval < a.batch_size:
+        what = f"task {task} alone ({n} training examples)" if alone else f"the mixture ({n} training examples)"
+        raise SystemExit(f"--interval {a.interval} of {what} is {per_interval:g} examples, less than one --batch-size "
+                         f"{a.batch_size}: use --batch-size {max(1, math.floor(per_interval))} or less, or --interval "
+                         f"{a.batch_size / n:.3g} or more")
 
 
 # -----------------------------------------------------------------------------
@@ -496,11 +549,11 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
         if diff:
             raise SystemExit(f"--resume with other arguments than the run in {out}: {diff} (saved, given)")
     run = Run(args, model_dir, data_dir)
+    check_interval(run)
     if run.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "args.json", vars(args))
-    if run.ddp:
-        dist.barrier()
+    parallel.barrier()
     store = msft.SnapshotStore(out / "snapshots" if args.snapshots == "disk" and run.rank == 0 else None)
     state = None
     if args.resume:
@@ -509,32 +562,46 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
         run.open_log()
     print0(f"{args.method}: {len(run.tasks)} tasks {run.tasks}, {sum(map(len, run.train_enc.values()))} training "
            f"examples (dropped as too long: {sum(run.dropped.values())}), {run.n_params / 1e6:.1f}M parameters, "
-           f"world {run.world}, device {run.device}, compile {run.compile}")
+           f"world {run.world}, device {run.device}, precision {args.precision}, compile {run.compile}")
     run_method = {"sft": run_sft, "msft": run_msft_method, "continual": baselines.run_continual,
                   "sro": baselines.run_sro, "soft-sro": baselines.run_soft_sro, "ies": baselines.run_ies,
                   "dynamix": baselines.run_dynamix}[args.method]
-    best = run_method(run, store, state)
-    # the chosen checkpoint: scored on the test split, saved for serving
-    run.restore(store.load(best["id"]))
-    scores = run.evaluate(run.tasks, split="test")
+    best, last = run_method(run, store, state)
+    # the report (SPEC 3): the global best and the final model, each scored on the test split
+    final_scores = run.evaluate(run.tasks, split="test", final=True)
+    if args.save_final and run.rank == 0:
+        save_model(run, model_dir, out / "final-model")
+    if best["id"] != last["id"]:
+        run.restore(store.load(best["id"]))
+        scores = run.evaluate(run.tasks, split="test", final=True)
+    else:
+        scores = final_scores
+    mean = lambda s: sum(s.values()) / len(s)
     final = {"event": "final", "best_epoch": best["epoch"], "best_avg": best["avg"], "scores": scores,
-             "test_avg": sum(scores.values()) / len(scores), "flops": run.flops.report(),
-             "peak_snapshots": store.peak_held}
+             "test_avg": mean(scores), "final_epoch": last["epoch"], "final_scores": final_scores,
+             "final_test_avg": mean(final_scores), "flops": run.flops.report(), "peak_snapshots": store.peak_held}
     run.log(final)
     if run.rank == 0:
-        run.model.save_pretrained(out / "model")
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if (model_dir / f).is_file():
-                shutil.copy(model_dir / f, out / "model" / f)
+        save_model(run, model_dir, out / "model")
         summary = {"args": vars(args), "method": args.method, "tasks": run.tasks, "best_epoch": best["epoch"],
                    "selection_avg": best["avg"], "test_scores": scores, "test_avg": final["test_avg"],
-                   "flops": final["flops"], "peak_snapshots": store.peak_held, "steps": run.step,
-                   "train_tokens": run.tokens, "dropped_too_long": run.dropped, "n_params": run.n_params,
-                   "wall_time_s": time.time() - run.t0}
+                   "final_epoch": last["epoch"], "final_test_scores": final_scores,
+                   "final_test_avg": final["final_test_avg"], "flops": final["flops"],
+                   "peak_snapshots": store.peak_held, "steps": run.step, "train_tokens": run.tokens,
+                   "dropped_too_long": run.dropped, "n_params": run.n_params, "wall_time_s": time.time() - run.t0}
         write_json(out / "summary.json", summary)
-        print0(f"done: best epoch {best['epoch']:.2f}, test avg {final['test_avg']:.4f}, "
-               f"{final['flops']['total']:.3e} FLOPs -> {out}/summary.json, {out}/model")
+        print0(f"done: best epoch {best['epoch']:.2f}, test avg {final['test_avg']:.4f} (final model, epoch "
+               f"{last['epoch']:.2f}: {final['final_test_avg']:.4f}), {final['flops']['total']:.3e} FLOPs -> "
+               f"{out}/summary.json, {out}/model")
     return final
+
+
+def save_model(run: Run, model_dir: Path, folder: Path):
+    """The model as it is, in hub layout with the source checkpoint's tokenizer files: transformers loads it."""
+    run.model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (model_dir / f).is_file():
+            shutil.copy(model_dir / f, folder / f)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -553,24 +620,28 @@ def demo_checkpoint(data_dir: Path) -> Path:
     return folder
 
 
-def demo(args):
+def demo(args, given: set[str]):
     """The built-in demo: a tiny random model on a synthetic mixture whose tasks learn and overfit at different
     speeds; SFT and mSFT one after the other (or --method's), then their curves, exclusions and final table."""
     root = Path(args.out or "runs/demo")
     torch.set_num_threads(1)  # a model this small runs fastest on one thread (several spin against each other)
-    data_dir = data.make_demo(root / "data")
-    # the demo's own settings, where the command line left the default
-    default = vars(parse_args([]))
-    for k, v in data.DEMO_ARGS.items():
-        if getattr(args, k) == default[k]:
+    parallel.setup(args.device)
+    data_dir = root / "data"
+    if parallel.rank() == 0:  # one writer; the other ranks wait for the files
+        data.make_demo(data_dir)
+        demo_checkpoint(data_dir)
+    parallel.barrier()
+    for k, v in data.DEMO_ARGS.items():  # the demo's own settings, where the command line gave none
+        if k not in given:
             setattr(args, k, v)
     results = {}
     for method in [args.method] if args.method else ["sft", "msft"]:
         a = argparse.Namespace(**vars(args))
         a.method, a.out = method, str(root / method)
-        if not a.resume:
+        if not a.resume and parallel.rank() == 0:
             shutil.rmtree(a.out, ignore_errors=True)
-        results[method] = train(a, demo_checkpoint(data_dir), data_dir)
+        parallel.barrier()
+        results[method] = train(a, data_dir / "model", data_dir)
     if "sft" in results:  # the heterogeneous overfitting mSFT is for: every task peaks at its own epoch
         evals = [e for e in read_log(root / "sft" / "log.jsonl") if e["event"] == "eval"]
         print0("\nSFT selection scores by epoch (* = the task's peak):")
@@ -594,9 +665,12 @@ def demo(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.model is None and args.data is None:
-        return demo(args)
+        results = demo(args, given_flags(argv))
+        parallel.cleanup()
+        return results
     if args.model is None or args.data is None:
         raise SystemExit("give both --model and --data (or neither, for the built-in demo)")
     if not Path(args.data).is_dir():
@@ -604,8 +678,7 @@ def main(argv=None):
     args.method = args.method or "msft"
     args.out = args.out or f"runs/{args.method}"
     train(args, resolve_checkpoint(args.model), Path(args.data))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    parallel.cleanup()
 
 
 if __name__ == "__main__":

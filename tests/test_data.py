@@ -1,7 +1,7 @@
 """Pins data.py: the ten converters (real rows from ../shared/data, hand-made hub rows for aqua_rat, winogrande
 and medmcqa), the exact prompt/target text, the loss mask (decoded back to the target with the real SmolLM2
 tokenizer), the mixture sampler's properties (hypothesis), bad-input errors, `prepare` (manifest, policy,
-byte-for-byte determinism) and the padding figure on the real mixture (> 0.9 real tokens).
+byte-for-byte determinism) and the padding figure on the real mixture (> 0.8 real tokens).
 
 Run: cd /work/main && python -m pytest -q tests/test_data.py
 """
@@ -160,14 +160,16 @@ def test_collate_shifts_and_pads():
     assert targets.tolist() == [[-100, 7, 8], [10, -100, -100]]
 
 
-def test_micro_batches_partition_budget_and_fill():
-    lengths = [300, 40, 41, 290, 45, 120, 500, 118, 39, 44, 600]
-    groups = data.micro_batches(lengths, max_tokens=700, min_fill=0.9)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        width = max(lengths[i] for i in g)
-        assert len(g) == 1 or (len(g) * width <= 700 and sum(lengths[i] for i in g) >= 0.9 * len(g) * width)
-    assert [sorted(g) for g in groups] == [[10], [6], [0, 3], [5, 7], [1, 2, 4, 8, 9]]  # worked out by hand
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 200), world=st.integers(1, 8), micro=st.integers(1, 16))
+def test_micro_batches_deal_every_row_once_in_equal_counts(n, world, micro):
+    parts = data.micro_batches(n, world, micro)
+    k = math.ceil(n / (world * micro))
+    assert len(parts) == world and all(len(p) == k for p in parts)  # every rank runs k passes
+    flat = [p for j in range(k) for r in range(world) for p in [parts[r][j]]]  # back in the order they were cut
+    assert [i for p in flat for i in p] == list(range(n))  # contiguous runs of the sorted batch, each row once
+    sizes = [len(p) for p in flat]
+    assert max(sizes) <= micro and max(sizes) - min(sizes) <= 1
 
 
 # -----------------------------------------------------------------------------
@@ -176,54 +178,36 @@ def test_micro_batches_partition_budget_and_fill():
 sizes_st = st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(1, 25), min_size=1, max_size=5)
 
 
-def global_batches(samplers, steps):
-    # what the W ranks see together: rank r holds global[r::W]
+def draw_passes(s, passes):
+    """The batches of the next `passes` passes, each a list of batches."""
     out = []
-    for _ in range(steps):
-        shares = [s.next_batch() for s in samplers]
-        batch = [None] * sum(len(x) for x in shares)
-        for r, share in enumerate(shares):
-            batch[r::len(samplers)] = share
-        out.append(batch)
+    for _ in range(passes):
+        batches, n = [], 0
+        while n < s.size:
+            batches.append(s.next_batch())
+            n += len(batches[-1])
+        out.append(batches)
     return out
 
 
-@settings(max_examples=60, deadline=None)
-@given(sizes=sizes_st, world=st.integers(1, 4), per_rank=st.integers(1, 5), seed=st.integers(0, 2**32))
-def test_every_example_once_per_epoch_across_ranks(sizes, world, per_rank, seed):
-    G, total = world * per_rank, sum(sizes.values())
-    ranks = [data.MixtureSampler(sizes, G, seed, r, world) for r in range(world)]
-    stream = [item for b in global_batches(ranks, math.ceil(3 * total / G)) for item in b]
-    every = sorted((t, i) for t, n in sizes.items() for i in range(n))
-    for k in range(3):
-        assert sorted(stream[k * total:(k + 1) * total]) == every
-    assert math.isclose(ranks[0].epoch, len(stream) / total)
-
-
-@settings(max_examples=60, deadline=None)
-@given(sizes=sizes_st, world=st.integers(2, 4), per_rank=st.integers(1, 4), seed=st.integers(0, 1000),
-       ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 31), st.floats(0.1, 5)), max_size=6))
-def test_one_rank_and_w_ranks_see_the_same_global_batches(sizes, world, per_rank, seed, ops):
-    G = world * per_rank
-    one = [data.MixtureSampler(sizes, G, seed)]
-    many = [data.MixtureSampler(sizes, G, seed, r, world) for r in range(world)]
-    names = sorted(sizes)
-    for kind, mask, w in ops:
-        tasks = [t for j, t in enumerate(names) if mask >> j & 1] or names[:1]
-        for s in one + many:
-            if kind == 1:
-                s.set_active(tasks)
-            elif kind == 2:
-                s.set_weights({t: w * (j + 1) for j, t in enumerate(names)})
-            elif kind == 3:
-                s.set_weights(None)
-        assert global_batches(one, 3) == global_batches(many, 3)
+@settings(max_examples=100, deadline=None)
+@given(sizes=sizes_st, batch=st.integers(1, 20), seed=st.integers(0, 2**32), weighted=st.booleans())
+def test_an_epoch_is_one_pass_its_last_step_takes_what_is_left(sizes, batch, seed, weighted):
+    s = data.MixtureSampler(sizes, batch, seed)
+    total = sum(sizes.values())
+    if weighted:
+        s.set_weights({t: 1.0 + j for j, t in enumerate(sorted(sizes))})
+    for batches in draw_passes(s, 3):
+        # full batches, then what is left: exactly one epoch of examples
+        assert [len(b) for b in batches] == [batch] * (total // batch) + ([total % batch] if total % batch else [])
+        if not weighted:  # every example exactly once a pass
+            assert sorted(x for b in batches for x in b) == sorted((t, i) for t, n in sizes.items() for i in range(n))
 
 
 @settings(max_examples=60, deadline=None)
 @given(sizes=sizes_st, seed=st.integers(0, 1000), before=st.integers(0, 10), mask=st.integers(1, 31),
        weighted=st.booleans())
-def test_excluded_tasks_never_appear_after_exclusion(sizes, seed, before, mask, weighted):
+def test_excluded_tasks_never_appear_and_a_new_pass_starts(sizes, seed, before, mask, weighted):
     names = sorted(sizes)
     keep = [t for j, t in enumerate(names) if mask >> j & 1] or names[-1:]
     s = data.MixtureSampler(sizes, 4, seed)
@@ -231,27 +215,41 @@ def test_excluded_tasks_never_appear_after_exclusion(sizes, seed, before, mask, 
         s.set_weights({t: 1.0 for t in names})
     for _ in range(before):
         s.next_batch()
-    epoch = s.epoch
     s.set_active(keep)
-    seen = [t for _ in range(20) for t, _ in s.next_batch()]
-    assert set(seen) <= set(keep)
-    # the unit changes with the mixture: 20 batches of 4 over the kept tasks' examples
-    assert math.isclose(s.epoch, epoch + 80 / sum(sizes[t] for t in keep))
+    assert s.size == sum(sizes[t] for t in keep)
+    for batches in draw_passes(s, 2):  # whole passes over the kept tasks, from the first draw on
+        assert {t for b in batches for t, _ in b} <= set(keep)
+        assert sum(map(len, batches)) == s.size
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes_st, seed=st.integers(0, 1000), data_=st.data())
+def test_skipped_examples_are_left_out_of_the_passes(sizes, seed, data_):
+    every = [(t, i) for t, n in sizes.items() for i in range(n)]
+    skip = data_.draw(st.sets(st.sampled_from(every), min_size=1, max_size=len(every) - 1)) if len(every) > 1 else set()
+    s = data.MixtureSampler(sizes, 3, seed)
+    s.next_batch()
+    s.set_skip(skip)
+    (batches,) = draw_passes(s, 1)
+    assert sorted(x for b in batches for x in b) == sorted(set(every) - skip)
+    assert s.size == len(every) - len(skip) and all(len(b) <= 3 for b in batches)
 
 
 def test_same_seed_same_order_other_seed_other_order():
     sizes = {"a": 50, "b": 30, "c": 20}
-    run = lambda seed: global_batches([data.MixtureSampler(sizes, 8, seed)], 30)
+    run = lambda seed: [data.MixtureSampler(sizes, 8, seed).next_batch() for _ in range(30)]
+    first = data.MixtureSampler(sizes, 8, 20)
     assert run(20) == run(20) and run(20) != run(21)
+    assert draw_passes(first, 2)[0] != draw_passes(first, 1)[0]  # every pass is shuffled anew
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=sizes_st, seed=st.integers(0, 1000), world=st.integers(1, 3),
-       ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 31), st.floats(0.1, 3)), min_size=1, max_size=12),
+@given(sizes=sizes_st, seed=st.integers(0, 1000),
+       ops=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 31), st.floats(0.1, 3)), min_size=1, max_size=12),
        cut=st.integers(0, 12))
-def test_state_dict_round_trip_continues_identically(sizes, seed, world, ops, cut):
+def test_state_dict_round_trip_continues_identically(sizes, seed, ops, cut):
     names = sorted(sizes)
-    s = data.MixtureSampler(sizes, 2 * world, seed, world - 1, world)
+    s = data.MixtureSampler(sizes, 2, seed)
     for n, (kind, mask, w) in enumerate(ops):
         if n == cut:
             break
@@ -261,13 +259,15 @@ def test_state_dict_round_trip_continues_identically(sizes, seed, world, ops, cu
             s.set_active([t for j, t in enumerate(names) if mask >> j & 1] or names[:1])
         elif kind == 2:
             s.set_weights({t: w + j for j, t in enumerate(names)})
-        else:
+        elif kind == 3:
             s.set_weights(None)
+        else:
+            s.set_skip([(names[0], 0)] if mask % 2 and sizes[names[0]] > 1 else [])
     saved = json.dumps(s.state_dict())  # plain JSON, as a killed run writes it
-    resumed = data.MixtureSampler(sizes, 2 * world, seed, world - 1, world)
+    resumed = data.MixtureSampler(sizes, 2, seed)
     resumed.load_state_dict(json.loads(saved))
     assert [s.next_batch() for _ in range(15)] == [resumed.next_batch() for _ in range(15)]
-    assert s.epoch == resumed.epoch and s.state_dict() == resumed.state_dict()
+    assert s.state_dict() == resumed.state_dict()
 
 
 @pytest.mark.parametrize("weights", [{"a": 1, "b": 2, "c": 5}, {"a": 1, "b": 0, "c": 1}, {"a": 0.2, "b": 0.2, "c": 3}])
@@ -277,27 +277,28 @@ def test_weights_move_task_frequencies(weights):
     s.set_weights(weights)
     draws = [item for _ in range(300) for item in s.next_batch()]
     freq = Counter(t for t, _ in draws)
-    for t, w in weights.items():  # 19,200 draws: the binomial sd is under 0.004
+    for t, w in weights.items():  # about 19,000 draws: the binomial sd is under 0.004
         assert abs(freq[t] / len(draws) - w / sum(weights.values())) < 0.02
     # within a task the examples still come without repeats until the task is used up
     a = [i for t, i in draws if t == "a"]
     assert sorted(a[:100]) == list(range(100))
-    assert math.isclose(s.epoch, len(draws) / sum(sizes.values()))
 
 
 def test_sampler_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        data.MixtureSampler({"a": 3}, 5, 0, 0, 2)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        data.MixtureSampler({"a": 3}, 0, 0)
     s = data.MixtureSampler({"a": 3, "b": 4}, 2, 0)
     with pytest.raises(ValueError, match="unknown task 'z'"):
         s.set_active(["a", "z"])
     with pytest.raises(ValueError, match=">= 0"):
         s.set_weights({"a": -1.0, "b": 1.0})
+    with pytest.raises(ValueError, match=r"no example \('a', 3\) to skip"):
+        s.set_skip([("a", 3)])
     s.set_weights({"a": 1.0})
     with pytest.raises(ValueError, match="'b' has no weight"):
         s.next_batch()
     s.set_active([])
-    with pytest.raises(ValueError, match="no active task"):
+    with pytest.raises(ValueError, match="no active example"):
         s.next_batch()
     with pytest.raises(ValueError, match="sizes"):
         data.MixtureSampler({"a": 4}, 2, 0).load_state_dict(s.state_dict())
@@ -435,12 +436,13 @@ def test_real_mixture_tokenizes_fast_and_pads_little(mixture, smollm2):
         assert all(e is None or e[0] == j.ids + [eos] for e, j in zip(encoded[t], joint))
     kept = {t: [e for e in enc if e is not None] for t, enc in encoded.items()}
     sampler = data.MixtureSampler({t: len(e) for t, e in kept.items()}, 64, 20)
-    real = padded = 0
-    while sampler.epoch < 1:
-        batch = [kept[t][i] for t, i in sampler.next_batch()]
-        for group in data.micro_batches([len(ids) - 1 for ids, _ in batch], max_tokens=4096):
-            idx, targets = data.collate([batch[i] for i in group], eos)
-            real += sum(len(batch[i][0]) - 1 for i in group)
+    real = padded = drawn = 0
+    while drawn < sampler.size:  # one epoch, cut as train.py cuts it: length-sorted micro-batches of 8
+        batch = sorted((kept[t][i] for t, i in sampler.next_batch()), key=lambda e: len(e[0]))
+        drawn += len(batch)
+        for part in data.micro_batches(len(batch), 1, 8)[0]:
+            idx, targets = data.collate([batch[i] for i in part], eos)
+            real += sum(len(batch[i][0]) - 1 for i in part)
             padded += idx.numel()
     print(f"real-token fraction over one epoch: {real / padded:.3f}, dropped over 512 tokens: {dropped}")
-    assert real / padded > 0.9
+    assert real / padded > 0.8  # measured 0.842: the long boolq passages and gsm8k rationales pad their neighbours

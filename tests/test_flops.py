@@ -76,10 +76,12 @@ def test_flop_counter_sums_and_checks():
     c.forward(3.0)   # 2 x 1000 x 3 = 6,000 (an all-reduced count arrives as a float)
     c.lookahead(2)   # 8 x 1000 x 2 = 16,000
     c.eval(5)        # 2 x 1000 x 5 = 10,000
-    assert c.report() == {"train": 82_000, "eval": 10_000, "total": 92_000}
+    c.add("test", 4)  # 2 x 1000 x 4 = 8,000: the final report, never in the total
+    assert c.report() == {"train": 82_000, "eval": 10_000, "total": 92_000, "test": 8_000}
     again = flops.FlopCounter(1000)
     again.load_state_dict(c.state_dict())
-    assert again.report() == c.report() and again.tokens == {"train": 10, "forward": 3, "lookahead": 2, "eval": 5}
+    assert again.report() == c.report()
+    assert again.tokens == {"train": 10, "forward": 3, "lookahead": 2, "eval": 5, "test": 4}
     for bad in (-1, 1.5, math.nan, "7"):
         with pytest.raises(ValueError, match="train tokens must be a whole number >= 0"):
             c.train(bad)
@@ -98,7 +100,12 @@ def test_msft_run_costs_appendix_f():
     own = {"a": 0.0, "b": 0.0}
 
     class Hooks:  # a peaks after 0.5 epochs; b keeps improving
-        def train(self, active, epochs):
+        at = [None, 0.0]  # the segment trained and the epoch it reached
+
+        def train(self, active, origin, until):
+            if self.at[0] != (active, origin):
+                self.at = [(active, origin), origin]
+            epochs, self.at[1] = until - self.at[1], until
             counter.train(sum(epochs * train_tokens[t] for t in active))
             for t in active:
                 own[t] += epochs
@@ -112,6 +119,7 @@ def test_msft_run_costs_appendix_f():
 
         def restore(self, params):
             own["a"], own["b"] = params["own"].tolist()
+            self.at = [None, 0.0]
 
         def log(self, event):
             pass
@@ -126,4 +134,5 @@ def test_msft_run_costs_appendix_f():
     # cut by max_epochs: b, 2 evaluations; then a once)
     train = 1.0 * 400 + 1.0 * 300 + 0.5 * 300
     evals = 30 + 4 * 30 + (4 * 20 + 10) + (2 * 20 + 10)
-    assert counter.report() == {"train": 6 * 7 * train, "eval": 2 * 7 * evals, "total": 6 * 7 * train + 2 * 7 * evals}
+    assert counter.report() == {"train": 6 * 7 * train, "eval": 2 * 7 * evals, "total": 6 * 7 * train + 2 * 7 * evals,
+                                "test": 0}

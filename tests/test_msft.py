@@ -1,8 +1,10 @@
 """Pins msft.py (decision, snapshot store, loop) against versions written here from the words of SPEC sections 3-4.
 
-- decide() equals a brute-force reading of "peak = first checkpoint of a task's highest score, t* = min of the
-  peaks, no drop when t* is the stage's last checkpoint" on random histories (ties, plateaus, one task, many tasks),
-  in both tie modes; a NaN score is an error naming the task and the checkpoint.
+- decide() equals a brute-force reading of "peak = first checkpoint of a task's highest score (rounded to 4
+  decimals), t* = min of the peaks, no drop when t* is the stage's last checkpoint; of the tasks peaking at t*, the
+  first in the release's order (its hub ids in ASCII order; other tasks after, by name), or all" on random histories
+  (ties, plateaus, scores that tie only once rounded, one task, many tasks), in both tie modes; a NaN score is an
+  error naming the task and the checkpoint.
 - The bookkeeping, driven by random scores, never drops a snapshot a later decision needs, holds at most active
   tasks + 1, and keeps only the roll-back target and the global best after a decision.
 - run_msft on a simulated model (per-task score curves of how long each task was trained; the fake parameters
@@ -21,33 +23,43 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import data
 import msft
 
-NAMES = ["arc", "boolq", "gsm8k", "sciq", "wino", "zeta"]
+# five of the release's tasks and two of a user's own
+NAMES = ["sciq", "gsm8k", "hellaswag", "boolq", "arc_easy", "my_task", "alpha"]
+
+
+def release_rank(task):
+    """SPEC 9: the release drops the first of its tasks by hub id, sorted as ASCII; a user's tasks come after, by
+    name. Restated here from data.HUB's ids, not from msft's constant."""
+    hub = sorted(data.HUB[t][0] for t in data.TASKS)
+    return (hub.index(data.HUB[task][0]), "") if task in data.HUB else (len(hub), task)
 
 
 def brute_decide(history, ties):
-    """SPEC 3 word for word, on lists: the slow and obvious version."""
+    """SPEC 3 and 9 word for word, on lists: the slow and obvious version."""
     tasks = sorted(history[0])
     peak = {}
     for t in tasks:
-        curve = [h[t] for h in history]
+        curve = [round(h[t], 4) for h in history]
         peak[t] = curve.index(max(curve))  # list.index: the first checkpoint with the highest score
     t_star = min(peak.values())
     if t_star == len(history) - 1:
         return [], None
     tied = [t for t in tasks if peak[t] == t_star]
-    return (tied if ties == "all" else tied[:1]), t_star
+    return (tied if ties == "all" else [min(tied, key=release_rank)]), t_star
 
 
-# few distinct values give ties and plateaus; floats give the general case
-score_values = st.one_of(st.integers(0, 2), st.integers(0, 50), st.floats(-5, 5, allow_nan=False))
+# few distinct values give ties and plateaus; near values tie only once rounded; floats give the general case
+near = st.sampled_from([0.5, 0.50001, 0.50004, 0.49996, 0.5001])
+score_values = st.one_of(st.integers(0, 2), st.integers(0, 50), near, st.floats(-5, 5, allow_nan=False))
 
 
 @st.composite
 def histories(draw):
     tasks = draw(st.permutations(NAMES))[:draw(st.integers(1, len(NAMES)))]
-    values = draw(st.sampled_from([st.integers(0, 2), st.integers(0, 50), st.floats(-5, 5, allow_nan=False)]))
+    values = draw(st.sampled_from([st.integers(0, 2), st.integers(0, 50), near, st.floats(-5, 5, allow_nan=False)]))
     return [{t: draw(values) for t in tasks} for _ in range(draw(st.integers(1, 9)))]
 
 
@@ -60,8 +72,17 @@ def test_decide_hand_examples():
     rising = [{"a": .1, "b": .2}, {"a": .2, "b": .3}, {"a": .3, "b": .4}]
     assert msft.decide(rising) == ([], None)  # nothing peaked before the last checkpoint
     together = [{"c": 1, "a": 1, "b": 0}, {"c": 2, "a": 2, "b": 1}, {"c": 1, "a": 0, "b": 2}]
-    assert msft.decide(together) == (["a", "c"], 1)
-    assert msft.decide(together, ties="first") == (["a"], 1)
+    assert msft.decide(together, ties="all") == (["a", "c"], 1)
+    assert msft.decide(together) == (["a"], 1)  # the first by name: neither is one of the release's tasks
+    # the release's order: hellaswag (Rowan/hellaswag) before sciq (allenai/sciq) before gsm8k (openai/gsm8k)
+    three = [{"gsm8k": 0, "sciq": 0, "hellaswag": 0}, {"gsm8k": 1, "sciq": 1, "hellaswag": 1}, {"gsm8k": 0, "sciq": 0, "hellaswag": 0}]
+    assert msft.decide(three) == (["hellaswag"], 1)
+    assert msft.decide([{t: s[t] for t in ("gsm8k", "sciq")} for s in three]) == (["sciq"], 1)
+    assert msft.decide([{"gsm8k": s["gsm8k"], "mine": s["sciq"]} for s in three]) == (["gsm8k"], 1)  # ours after
+    # 0.61231 and 0.61234 are one score once rounded to 4 decimals: the earlier checkpoint is the peak
+    assert msft.decide([{"a": 0.5, "b": 0.1}, {"a": 0.61231, "b": 0.2}, {"a": 0.61234, "b": 0.3}]) == (["a"], 1)
+    assert msft.decide([{"a": 0.5, "b": 0.1}, {"a": 0.61231, "b": 0.2}, {"a": 0.61234, "b": 0.3}],
+                       decimals=None) == ([], None)
     assert msft.decide([{"a": 3, "b": 1}, {"a": 2, "b": 2}]) == (["a"], 0)  # training only hurt a: back to the start
     assert msft.decide([{"a": 0.4}]) == ([], None)  # a single checkpoint is its own last one
 
@@ -112,7 +133,7 @@ def test_bookkeeping_keeps_what_later_decisions_need(data):
             assert keep <= held | {next_id}, "a snapshot came back after it was dropped"
             # brute force: a checkpoint lives while it holds some active task's highest score so far (the first one)
             for t in active:
-                curve = [h["scores"][t] for h in history]
+                curve = [round(h["scores"][t], 4) for h in history]
                 assert history[curve.index(max(curve))]["id"] in keep
             assert len(keep) <= len(active) + 1
             held = keep
@@ -181,15 +202,16 @@ def sims(draw):
     """Per-task curves: score = n sin(7 own + 3 others) - w (own - p)^2 - f others, rounded to a step q (steps make
     plateaus and ties; the wiggle makes many distinct peaks). own = epochs this task was trained, others = epochs the
     other tasks were; p = 50 never overfits."""
-    tasks = NAMES[:draw(st.integers(1, 5))]
+    tasks = sorted(NAMES[:draw(st.integers(1, 5))])
     grid = st.integers(0, 16).map(lambda k: k / 4)  # binary-exact epochs, so both loops sum them the same way
     curves = {t: (draw(grid | st.just(50.0)), draw(st.sampled_from([0.0, 0.3, 2.0])),
                   draw(st.sampled_from([0.0, 0.1, 1.0, 5.0])), draw(st.sampled_from([0.0, 0.02, 0.1])),
                   draw(st.sampled_from([0.01, 0.1, 1.0]))) for t in tasks}
     budget = draw(st.sampled_from([0.25, 0.5, 0.75, 1.0, 1.5]))
     interval = draw(st.sampled_from([0.125, 0.25, 0.5]))
-    max_epochs = draw(st.sampled_from([0.5, 1.0, 2.25, 4.0]))
-    return tasks, curves, budget, interval, max_epochs
+    bounds = draw(st.sampled_from([dict(max_epochs=e) for e in (0.5, 1.0, 2.25, 4.0)]
+                                  + [dict(max_stages=s) for s in (1, 2, 3, 10)]))
+    return tasks, curves, budget, interval, bounds
 
 
 def sim_score(curves, tasks, x, t):
@@ -202,9 +224,10 @@ def sim_score(curves, tasks, x, t):
 class Hooks:
     """The simulated model: x[i] = epochs task i has been trained. Records everything and checks invariants."""
 
-    def __init__(self, tasks, curves, store=None, x=None, events=None, kill_at=None, check=False):
+    def __init__(self, tasks, curves, store=None, x=None, events=None, kill_at=None, check=False, segment=None):
         self.tasks, self.curves, self.store, self.kill_at, self.check = tasks, curves, store, kill_at, check
         self.x = torch.zeros(len(tasks), dtype=torch.float64) if x is None else x.clone()
+        self.segment = segment  # (active, origin, epoch reached): as train.Run counts from a segment's origin
         self.events = list(events or [])
         self.calls, self.saved, self.expect, self.after_decision = {}, None, None, None  # calls: hook -> count
         self.seen = []  # (eval event, x at that evaluation)
@@ -224,12 +247,15 @@ class Hooks:
             assert held == self.after_decision, (held, self.after_decision)
             self.after_decision = None
 
-    def train(self, active, epochs):
+    def train(self, active, origin, until):
         self.tick("train")
         assert not set(active) & set(self.excluded), "trained an excluded task"
-        assert epochs > 0
+        if self.segment is None or self.segment[:2] != (active, origin):
+            self.segment = (active, origin, origin)
+        assert until > self.segment[2]
         for t in active:
-            self.x[self.tasks.index(t)] += epochs  # in place: the store must have copied what it keeps
+            self.x[self.tasks.index(t)] += until - self.segment[2]  # in place: the store must copy what it keeps
+        self.segment = (active, origin, until)
 
     def evaluate(self, which):
         self.tick("evaluate")
@@ -242,6 +268,7 @@ class Hooks:
     def restore(self, params):
         self.tick("restore")
         self.x.copy_(params["x"])
+        self.segment = None
 
     def log(self, event):
         self.tick("log")
@@ -264,11 +291,13 @@ class Hooks:
     def checkpoint(self, state):
         self.tick("checkpoint")
         self.after_decision, self.expect = self.expect, None  # checked at the next call, once the store synced
-        self.saved = (state.to_json(), self.x.clone(), len(self.events))
+        self.saved = (state.to_json(), self.x.clone(), len(self.events), self.segment)
 
 
-def reference_run(tasks, curves, budget, interval, max_epochs, ties):
-    """SPEC 3 read literally, with a copy of every checkpoint kept (no store, no pruning, no state)."""
+def reference_run(tasks, curves, budget, interval, bounds, ties):
+    """SPEC 3 and 9 read literally, with a copy of every checkpoint kept (no store, no pruning, no state): stages
+    until no task is left, or after max_stages (default 10), or at max_epochs when given."""
+    max_epochs, max_stages = bounds.get("max_epochs", math.inf), bounds.get("max_stages", 10)
     def scores(x):
         return {t: sim_score(curves, tasks, x, t) for t in tasks}
 
@@ -278,7 +307,7 @@ def reference_run(tasks, curves, budget, interval, max_epochs, ties):
     x = torch.zeros(len(tasks), dtype=torch.float64)
     start = (0.0, x, scores(x))
     best, excluded, decisions = (avg(start[2]), 0.0, x), [], []
-    while len(excluded) < len(tasks) and start[0] < max_epochs:
+    while len(excluded) < len(tasks) and start[0] < max_epochs and len(decisions) < max_stages:
         active = [t for t in tasks if t not in excluded]
         ckpts, end = [start], min(start[0] + budget, max_epochs)
         while ckpts[-1][0] < end:
@@ -304,12 +333,12 @@ def decisions_of(events):
 @settings(max_examples=150, deadline=None)
 @given(sims(), st.sampled_from(["all", "first"]), st.sampled_from(["every", "rollback"]))
 def test_loop_matches_brute_force_and_keeps_its_invariants(sim, ties, eval_excluded):
-    tasks, curves, budget, interval, max_epochs = sim
+    tasks, curves, budget, interval, bounds = sim
     store = msft.SnapshotStore()
     hooks = Hooks(tasks, curves, store, check=True)
-    state = msft.run_msft(tasks, hooks, budget=budget, interval=interval, max_epochs=max_epochs, store=store,
+    state = msft.run_msft(tasks, hooks, budget=budget, interval=interval, **bounds, store=store,
                           ties=ties, eval_excluded=eval_excluded)
-    decisions, best, final = reference_run(tasks, curves, budget, interval, max_epochs, ties)
+    decisions, best, final = reference_run(tasks, curves, budget, interval, bounds, ties)
     # the excluded tasks' evaluations never change the model, so both modes make the reference's decisions
     assert decisions_of(hooks.events) == decisions
     assert torch.equal(hooks.x, final)  # the roll-backs restored the right parameters
@@ -321,7 +350,8 @@ def test_loop_matches_brute_force_and_keeps_its_invariants(sim, ties, eval_exclu
     assert sorted(state.active + state.excluded) == tasks
     evals = [e for e in hooks.events if e["event"] == "eval"]
     assert evals[0]["epoch"] == 0.0 and evals[0]["evaluated"] == tasks
-    assert all(e["epoch"] <= max_epochs for e in evals)
+    assert all(e["epoch"] <= bounds.get("max_epochs", math.inf) for e in evals)
+    assert len(decisions) <= bounds.get("max_stages", 10)
     # the global best is the highest logged average, the earliest of equals, and the store holds its parameters
     top = max(evals, key=lambda e: e["avg"])
     assert (state.best["avg"], state.best["epoch"]) == (top["avg"], top["epoch"])
@@ -361,8 +391,18 @@ def test_loop_rejects_bad_scores_and_a_changed_resume():
                       store=msft.SnapshotStore(), state=state)
     with pytest.raises(ValueError, match="a LoopState is a dict with keys"):
         msft.LoopState.from_json({"stage": 1})
-    with pytest.raises(ValueError, match="budget, interval and max_epochs must be > 0"):
+    with pytest.raises(ValueError, match="budget, interval, max_stages and max_epochs must be > 0"):
         msft.run_msft(tasks, hooks, budget=0, interval=0.25, max_epochs=2, store=msft.SnapshotStore())
+
+
+@pytest.mark.parametrize("flags, stages", [({}, 10), ({"max_stages": 3}, 3), ({"max_epochs": 2.5}, 3)])
+def test_a_run_that_never_overfits_stops_after_max_stages(flags, stages):
+    tasks, curves = ["a", "b"], {t: (50.0, 0.0, 1.0, 0.0, 0.01) for t in ("a", "b")}  # rising until 50 epochs
+    hooks = Hooks(tasks, curves)
+    state = msft.run_msft(tasks, hooks, budget=1.0, interval=0.5, store=msft.SnapshotStore(), **flags)
+    kinds = [e["kind"] for e in hooks.events if e["event"] == "decision"]
+    assert kinds == ["no_drop"] * stages + ["done"]
+    assert state.epoch == min(stages * 1.0, flags.get("max_epochs", 99)) and state.active == tasks
 
 
 def test_memory_store_cannot_resume():
@@ -370,14 +410,14 @@ def test_memory_store_cannot_resume():
     hooks = Hooks(tasks, curves)
     train = hooks.train
 
-    def train_until_075(active, epochs):  # killed after the checkpoint at 0.75, where b's peak (0.5) must live
+    def train_until_075(active, origin, until):  # killed after the checkpoint at 0.75, where b's peak must live
         if hooks.x.sum() >= 1.5:
             raise Killed
-        train(active, epochs)
+        train(active, origin, until)
     hooks.train = train_until_075
     with pytest.raises(Killed):
         msft.run_msft(tasks, hooks, budget=1, interval=0.25, max_epochs=2, store=msft.SnapshotStore())
-    state, x, n = hooks.saved
+    state, x, n, _ = hooks.saved
     assert state["epoch"] == 0.75
     with pytest.raises(FileNotFoundError, match=r"SnapshotStore\(memory\): snapshot 2 is missing"):
         msft.run_msft(tasks, Hooks(tasks, curves, x=x), budget=1, interval=0.25, max_epochs=2,
@@ -392,9 +432,9 @@ def run_killed(tasks, curves, flags, folder, kills):
     time from the last completed hooks.checkpoint (state, model, log length) and the store reopened from disk."""
     saved, events = None, []  # as of the last hooks.checkpoint that completed
     for kill in kills + [None]:
-        state, x, n = saved or (None, None, 0)
+        state, x, n, segment = saved or (None, None, 0, None)
         store = msft.SnapshotStore(folder)
-        hooks = Hooks(tasks, curves, store, x=x, events=events[:n], kill_at=kill)
+        hooks = Hooks(tasks, curves, store, x=x, events=events[:n], kill_at=kill, segment=segment)
         try:
             return hooks, store, msft.run_msft(tasks, hooks, store=store, **flags,
                                                state=msft.LoopState.from_json(state) if state else None)
@@ -432,8 +472,8 @@ def test_a_kill_at_every_hook_call_resumes_exactly(tmp_path, eval_excluded):
 @given(sims(), st.sampled_from(["all", "first"]), st.sampled_from(["every", "rollback"]),
        st.lists(st.tuples(st.sampled_from(HOOKS), st.floats(0, 1, exclude_max=True)), min_size=1, max_size=3))
 def test_kills_and_resumes_equal_the_uninterrupted_run(sim, ties, eval_excluded, kills):
-    tasks, curves, budget, interval, max_epochs = sim
-    flags = dict(budget=budget, interval=interval, max_epochs=max_epochs, ties=ties, eval_excluded=eval_excluded)
+    tasks, curves, budget, interval, bounds = sim
+    flags = dict(budget=budget, interval=interval, **bounds, ties=ties, eval_excluded=eval_excluded)
     with tempfile.TemporaryDirectory() as tmp:
         whole = run_killed(tasks, curves, flags, Path(tmp) / "whole", [])
         kills = [(hook, 1 + int(f * whole[0].calls.get(hook, 0))) for hook, f in kills]

@@ -3,12 +3,15 @@ held stay within active tasks + 1, two gloo processes give what one process give
 evaluation and resumed ends as an uninterrupted one, bad flags fail at start-up, a NaN loss stops the run, and the
 real SmolLM2 checkpoint fine-tunes on real rows and saves a model that transformers loads."""
 import json
+import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -149,8 +152,12 @@ def test_bad_flags_fail_at_start(flags, message, capsys):
 
 
 def test_bad_setup_fails_at_start(tmp_path, demo):
-    with pytest.raises(SystemExit, match="--batch-size 16 must be divisible by world size 1 x --micro-batch 5"):
-        run_train(tmp_path / "a", demo, "sft", "--micro-batch", "5")
+    # the demo's smallest task has 300 training rows: a quarter epoch of it alone is 75 examples
+    msg = (r"--interval 0.25 of task code alone \(300 training examples\) is 75 examples, less than one --batch-size "
+           r"80: use --batch-size 75 or less, or --interval 0.267 or more")
+    with pytest.raises(SystemExit, match=msg):
+        run_train(tmp_path / "a", demo, "msft", "--batch-size", "80")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     (tmp_path / "empty").mkdir()
     with pytest.raises((SystemExit, ValueError), match="empty"):
         args = train.parse_args(["--out", str(tmp_path / "b"), *SMALL])
@@ -181,10 +188,220 @@ def test_smollm2_finetunes_with_msft_on_real_rows(tmp_path, smollm2, shared_data
     data.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy", "openbookqa"], n_train=16, n_selection=4,
                  n_test=4, seed=20)
     args = train.parse_args(["--method", "msft", "--model", str(smollm2), "--data", str(tmp_path / "mix"),
-                             "--out", str(tmp_path / "run"), "--max-epochs", "0.5", "--budget", "0.25",
-                             "--interval", "0.25", "--batch-size", "8", "--micro-batch", "4", "--signal", "loss",
+                             "--out", str(tmp_path / "run"), "--max-epochs", "1", "--budget", "0.5",
+                             "--interval", "0.5", "--batch-size", "8", "--micro-batch", "4", "--signal", "loss",
                              "--shots", "1", "--max-new-tokens", "8"])
     final = train.train(args, smollm2, tmp_path / "mix")
     assert set(final["scores"]) == {"arc_easy", "openbookqa"}
     m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert m.config.num_hidden_layers == 30
+
+
+# -----------------------------------------------------------------------------
+# the release's protocol (SPEC 9): exact epochs, loss groups, precision, the final model
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory, demo):
+    """The demo's tasks cut to 37, 29, 45 and 23 training rows: no size, nor their sum (134), is a multiple of a
+    batch of 5, so the last step of every epoch is a short one."""
+    out = tmp_path_factory.mktemp("odd")
+    manifest = json.loads((demo / "manifest.json").read_text())
+    for t, n_train in zip(sorted(manifest["tasks"]), (37, 29, 45, 23)):
+        (out / t).mkdir()
+        for split, n in (("train", n_train), ("selection", 8), ("test", 8)):
+            rows = (demo / t / f"{split}.jsonl").read_text().splitlines()[:n]
+            (out / t / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
+            manifest["tasks"][t]["sizes"][split] = n
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(demo / "model", out / "model")
+    return out
+
+
+ODD = ["--interval", "0.25", "--signal", "loss", "--eval-limit", "8", "--batch-size", "5", "--micro-batch", "3",
+       "--shots", "0", "--lr", "3e-3"]
+
+
+def spy(monkeypatch, cls, name, record):
+    orig = getattr(cls, name)
+
+    def wrapper(self, *args, **kw):
+        out = orig(self, *args, **kw)
+        record(self, args, out)
+        return out
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+def path_epochs(log, sizes):
+    """(logged epoch, epochs trained on the path to that model) at every evaluation, the second summed from the
+    train events' example counts over the size of the mixture being trained; a roll-back returns to the count of
+    the checkpoint it restores, and the next stage's mixture is the active tasks left (continual: the next task)."""
+    out, at, path, active = [], {}, 0.0, None
+    for e in log:
+        if e["event"] == "eval":
+            active = e["active"] if active is None else active
+            at[e["epoch"]] = path
+            out.append((e["epoch"], path, sum(sizes[t] for t in active)))
+        elif e["event"] == "train":
+            path += e["examples"] / sum(sizes[t] for t in active)
+        elif e["event"] == "decision" and e["kind"] != "done":
+            if e["kind"] == "next_task":
+                active = [e["next_task"]]
+            elif e["kind"] == "search":  # SRO's second run starts from the base model, all tasks
+                active = sorted(sizes)
+            else:
+                active = [t for t in active if t not in e["excluded"]]
+            back = e.get("rollback_epoch")
+            if back is not None:
+                path, at = at[back], {k: v for k, v in at.items() if k <= back}
+    return out
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("sft", ["--max-epochs", "3"]),
+    ("msft", ["--budget", "1", "--max-stages", "4"]),
+    ("continual", ["--budget", "1"]),
+    ("sro", ["--max-epochs", "2"]),
+])
+def test_logged_epochs_are_the_examples_trained(tmp_path, odd, method, flags):
+    sizes = {t: len(data.load_mixture(odd)[t]["train"]) for t in data.load_mixture(odd)}
+    args = train.parse_args(["--method", method, "--out", str(tmp_path), *ODD, *flags])
+    train.train(args, odd / "model", odd)
+    evals = path_epochs(read_log(tmp_path), sizes)
+    assert len(evals) > 4
+    for logged, trained, size in evals:  # within one step's worth (a batch of 5 over the mixture trained)
+        assert abs(logged - trained) <= 5 / size + 1e-9, (logged, trained)
+        if float(logged).is_integer() and method == "sft":
+            assert abs(logged - trained) < 1e-9  # an epoch's last step takes what is left: whole epochs are exact
+
+
+def test_ten_epochs_of_sft_train_every_example_ten_times(tmp_path, odd, monkeypatch):
+    seen = Counter()
+    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: seen.update(out))
+    args = train.parse_args(["--method", "sft", "--out", str(tmp_path), *ODD, "--interval", "1", "--eval-limit", "2"])
+    final = train.train(args, odd / "model", odd)
+    sizes = {t: len(rows["train"]) for t, rows in data.load_mixture(odd).items()}
+    assert set(seen) == {(t, i) for t, n in sizes.items() for i in range(n)}
+    assert set(seen.values()) == {10}
+    steps = [e for e in read_log(tmp_path) if e["event"] == "train"]
+    assert len(steps) == 10 * math.ceil(134 / 5) and sum(e["examples"] for e in steps) == 1340
+    assert final["best_epoch"] in [float(k) for k in range(11)]
+
+
+def hand_weights(n_answer, group):
+    """The release's loss, written out: the step's batch in groups of `group` examples (a micro-batch of 4 on one
+    of its GPUs), each group's mean over its answer tokens, and the mean of those; group 0 the step's token mean.
+    An example's weight per answer token is then 1 / (groups x its group's tokens), or 1 / (the step's tokens)."""
+    if group == 0:
+        return [1 / sum(n_answer)] * len(n_answer)
+    out = []
+    n_groups = math.ceil(len(n_answer) / group)
+    for g in range(n_groups):
+        members = n_answer[g * group:(g + 1) * group]
+        out += [1 / (n_groups * sum(members))] * len(members)
+    return out
+
+
+def test_loss_groups_give_each_example_its_hand_computed_share():
+    # sampling order: short multiple-choice targets (" #### B" + EOS: 4 tokens) beside long gsm8k-like ones
+    n = [4, 120, 4, 4, 200, 4, 4, 4, 160, 4]
+    share = lambda w: [wi * ni for wi, ni in zip(w, n)]  # each example's share of the step's gradient
+    # G = 4: groups [4,120,4,4] [200,4,4,4] [160,4]; each group's tokens share 1/3 of the step
+    assert share(train.loss_weights(n, 4)) == pytest.approx(
+        [4 / 396, 120 / 396, 4 / 396, 4 / 396, 200 / 636, 4 / 636, 4 / 636, 4 / 636, 160 / 492, 4 / 492])
+    assert share(train.loss_weights(n, 0)) == pytest.approx([k / sum(n) for k in n])  # token sum: 508 tokens
+    assert sum(share(train.loss_weights(n, 4))) == pytest.approx(1.0)
+    for g in (0, 1, 3, 4, 7, 64):
+        assert train.loss_weights(n, g) == pytest.approx(hand_weights(n, g))
+
+
+@pytest.mark.parametrize("group", [0, 4])
+def test_a_step_with_loss_groups_has_the_release_loss_and_gradient(tmp_path, odd, group):
+    args = train.parse_args(["--method", "sft", "--out", str(tmp_path), *ODD, "--batch-size", "10",
+                             "--micro-batch", "3", "--loss-group", str(group)])
+    run = train.Run(args, odd / "model", odd)
+    run.open_log()
+    saved = run.sampler.state_dict()
+    batch = run.sampler.next_batch()
+    run.sampler.load_state_dict(saved)
+    grads = {}
+    step = run.opt.step
+    run.opt.step = lambda: (grads.update({k: p.grad.clone() for k, p in run.model.named_parameters()}), step())
+    run.train_step()
+    # by hand, one example at a time, through the base model: each group's token mean, then the mean of groups
+    model = train.Transformer.from_pretrained(odd / "model")
+    ce, n = [], []
+    for t, i in batch:
+        ids, labels = run.train_enc[t][i]
+        target = torch.tensor(labels[1:])
+        logits = model(torch.tensor([ids[:-1]]))[0]
+        ce.append(torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100], reduction="sum"))
+        n.append(int((target != -100).sum()))
+    if group:
+        groups = [range(s, min(s + group, len(batch))) for s in range(0, len(batch), group)]
+        loss = sum(sum(ce[j] for j in g) / sum(n[j] for j in g) for g in groups) / len(groups)
+    else:
+        loss = sum(ce) / sum(n)
+    loss.backward()
+    (event,) = read_log(tmp_path)
+    assert event["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pure_bf16_keeps_weights_and_adam_states_in_bf16(tmp_path, odd):
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        (tmp_path / precision).mkdir()
+        args = train.parse_args(["--method", "sft", "--out", str(tmp_path / precision), *ODD,
+                                 "--precision", precision])
+        run = train.Run(args, odd / "model", odd)
+        run.open_log()
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        run.train_step()
+        assert {p.dtype for p in run.model.parameters()} == {dtype}
+        states = [v for s in run.opt.state.values() for k, v in s.items() if k != "step"]
+        assert states and {v.dtype for v in states} == {dtype}  # no fp32 master copy, no fp32 moments
+        assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
+def test_one_and_two_ranks_and_any_micro_batch_give_the_same_steps(tmp_path, odd):
+    """The step's loss and gradients do not depend on how the batch is cut: 1 rank with micro-batches of 8 and
+    2 gloo ranks with micro-batches of 2 log the same losses and save the same model."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    flags = ["--method", "sft", "--model", str(odd / "model"), "--data", str(odd), *ODD, "--max-epochs", "1",
+             "--batch-size", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(base + [f"--nproc_per_node={n}", "--", str(REPO / "train.py"), *flags,
+                                      "--micro-batch", str(m), "--out", str(tmp_path / f"w{n}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, m in ((1, 8), (2, 2))]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    one, two = ([e for e in read_log(tmp_path / f"w{n}") if e["event"] == "train"] for n in (1, 2))
+    assert len(one) == len(two) == math.ceil(134 / 10)
+    for a, b in zip(one, two):
+        assert a["examples"] == b["examples"] and a["tokens"] == b["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["task_loss"] == pytest.approx(a["task_loss"], rel=1e-5)
+    from safetensors.torch import load_file
+    m1, m2 = (load_file(tmp_path / f"w{n}" / "model" / "model.safetensors") for n in (1, 2))
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], rtol=0, atol=1e-5)
+
+
+def test_the_final_model_is_reported_beside_the_global_best(tmp_path, odd):
+    args = train.parse_args(["--method", "msft", "--out", str(tmp_path), *ODD, "--budget", "1", "--max-stages", "3",
+                             "--save-final"])
+    final = train.train(args, odd / "model", odd)
+    log = read_log(tmp_path)
+    decisions = [e for e in log if e["event"] == "decision" and e["kind"] != "done"]
+    assert len(decisions) == 3  # --max-stages
+    last = decisions[-1]
+    end = last["rollback_epoch"] if last["kind"] == "drop" else [e for e in log if e["event"] == "eval"][-1]["epoch"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert final["final_epoch"] == summary["final_epoch"] == end
+    assert summary["final_test_scores"] == final["final_scores"] and set(final["final_scores"]) == set(final["scores"])
+    # the two saved models score what the summary says on the test split
+    for folder, scores in (("model", summary["test_scores"]), ("final-model", summary["final_test_scores"])):
+        run = train.Run(train.parse_args(["--out", str(tmp_path / "x"), *ODD]), tmp_path / folder, odd)
+        assert run.evaluate(run.tasks, split="test") == pytest.approx(scores, abs=1e-5)
