@@ -77,7 +77,7 @@ def sync(run, store, state: dict):
     for i in sorted(keep - set(store.ids())):
         # only the checkpoint just evaluated can be missing: the model still holds it. Rank 0 holds the snapshots;
         # the other ranks keep empty stand-ins (run.snapshot() is {} there), as train.run_sft
-        if run.rank == 0 and i != state["model_at"]["id"]:
+        if run.holds_snapshots and i != state["model_at"]["id"]:
             raise FileNotFoundError(f"{store}: snapshot {i} is missing, but the run needs it to continue")
         store.save(i, run.snapshot(), {"epoch": state["model_at"]["epoch"]})
 

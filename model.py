@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("qwen2", "qwen3", "olmo2", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -230,8 +231,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointing = False  # activation checkpointing: keep only the block's input, redo it in backward
 
     def forward(self, x, cos, sin, mask, cache, layer):
+        if self.checkpointing and torch.is_grad_enabled():  # inside the block, so FSDP's hooks stay outside
+            return checkpoint(self.sublayers, x, cos, sin, mask, cache, layer, use_reentrant=False)
+        return self.sublayers(x, cos, sin, mask, cache, layer)
+
+    def sublayers(self, x, cos, sin, mask, cache, layer):
         if self.post_norm:
             x = x + self.attn_norm(self.attn(x, cos, sin, mask, cache, layer))
             return x + self.mlp_norm(self.mlp(x))
@@ -252,6 +259,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.compiled = None  # compile_blocks(): torch.compile'd views of self.layers, for training
         # kept in fp32 (model.to(bfloat16) would cast it: use autocast for bf16, as train.py does)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if self.embed.weight.device.type != "meta":
@@ -286,8 +294,11 @@ class Transformer(nn.Module):
             k_slot = torch.arange(start + T, device=idx.device)[None, :]
             # causal and not padding; a token always sees itself, so padding rows never softmax over nothing
             attn_mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)  # (B, 1, T, S)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, attn_mask, cache, i)
+        # the compiled blocks serve fixed-shape passes (training, teacher forcing); decoding with a cache, whose
+        # shapes change every step, runs the plain ones (STYLE rule 9)
+        blocks = self.compiled if self.compiled is not None and cache is None else self.layers
+        for i, block in enumerate(blocks):
+            x = block(x, cos, sin, attn_mask, cache, i if cache is not None else None)
         if cache is not None:
             cache.len += T
         logits = self.lm_head(self.norm(x)).float()
@@ -295,6 +306,11 @@ class Transformer(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def compile_blocks(self):
+        """torch.compile each block, for fixed-shape passes (forward picks them; the modules stay uncompiled, so
+        state_dict keys and decoding are unchanged). Per block, as FSDP shards per block, and one graph serves them all."""
+        self.compiled = [torch.compile(block) for block in self.layers]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int):
@@ -312,9 +328,11 @@ class Transformer(nn.Module):
     # hub checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "Transformer":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, prepare=None) -> "Transformer":
         """Load a folder in hub layout (or a hub id, through huggingface_hub) straight into dtype (default fp32)
-        on device: built on the meta device and filled tensor by tensor, so the weights are held once."""
+        on device: built on the meta device, then `prepare(model)` if given (train.py shards it with FSDP here),
+        then every parameter allocated and filled tensor by tensor, so the weights are held once. A sharded
+        parameter (a DTensor) takes only its rank's rows."""
         folder = resolve_checkpoint(path)
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
@@ -324,8 +342,16 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: v.shape for k, v in model.state_dict().items()}
+        if prepare is not None:
+            prepare(model)
+        model.to_empty(device=device or "cpu")
+        if dtype is not None:
+            model.to(dtype)
+        if cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+            model.lm_head.weight = model.embed.weight  # to_empty allocates each module's parameters apart
+        params = dict(model.named_parameters())  # a tied head is the embedding: one entry
         names = key_map(cfg)  # hub name -> ours
-        sd = {}
+        filled = set()
         for f in files:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
@@ -338,52 +364,71 @@ class Transformer(nn.Module):
                     if shape != tuple(expected[ours]):
                         raise ValueError(f"{f}: tensor {name!r} has shape {shape}, config.json implies "
                                          f"{tuple(expected[ours])}")
-                    sd[ours] = st.get_tensor(name).to(device=device, dtype=dtype or torch.float32)
-        missing = sorted(h for h, o in names.items() if o not in sd)
+                    with torch.no_grad():
+                        fill(params[ours], st.get_tensor(name))
+                    filled.add(ours)
+        missing = sorted(h for h, o in names.items() if o not in filled)
         if missing:
             raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        model.load_state_dict(sd, strict=False, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model
 
-    def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, dtype=None):
+    def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, dtype=None, tensors=None):
         """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads unchanged.
-        Written into a temporary folder and renamed, so a crash never leaves a half checkpoint."""
+        tensors: (our name, tensor) pairs to write instead of this model's own (train.py gathers a sharded model's
+        one at a time); each shard file is written as soon as it is full, so at most one is held. Written into a
+        temporary folder and renamed, so a crash never leaves a half checkpoint."""
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         hub = {o: h for h, o in key_map(self.config).items()}
-        sd = {hub[k]: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
-              if k in hub}
-        shards, size = [{}], 0
-        for name, t in sd.items():
+        if tensors is None:
+            tensors = ((k, v) for k, v in self.state_dict().items())
+        shard, size, files, weight_map, total, first = {}, 0, [], {}, 0, None
+
+        def flush():
+            files.append(tmp / f"part-{len(files)}.safetensors")
+            save_file(shard, files[-1], metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, files[-1].name))
+        for k, v in tensors:
+            if k not in hub:
+                continue  # the tied head
+            t = v.detach().to("cpu", dtype or v.dtype).contiguous()
+            first = first or t.dtype
             nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+                shard, size = {}, 0
+            shard[hub[k]], size, total = t, size + nbytes, total + nbytes
+        flush()
+        if len(files) == 1:
+            os.replace(files[0], tmp / "model.safetensors")
+        else:  # the hub's names, now that the count is known
+            final = {f.name: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+            for f in files:
+                os.replace(f, tmp / final[f.name])
+            index = {"metadata": {"total_size": total}, "weight_map": {k: final[f] for k, f in weight_map.items()}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        first = next(iter(sd.values()))
-        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(first.dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(first), indent=2))
         old = out.with_name(out.name + ".old")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fill(param: torch.Tensor, full: torch.Tensor):
+    """Copy a checkpoint tensor into a parameter, or into this rank's rows of a parameter FSDP sharded on dim 0
+    (FSDP2 cuts dim 0 as torch.chunk does; the ranks past the last chunk hold none)."""
+    if hasattr(param, "to_local"):  # a DTensor: Shard(0) over the ranks of its mesh
+        rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+        chunks = full.chunk(world, dim=0)
+        full = chunks[rank] if rank < len(chunks) else full[:0]
+        param = param.to_local()
+    if param.shape != full.shape:
+        raise ValueError(f"a parameter of shape {tuple(param.shape)} cannot take a tensor of shape {tuple(full.shape)}")
+    param.copy_(full)
 
 
 def key_map(cfg: ModelConfig) -> dict[str, str]:

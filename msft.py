@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from parallel import barrier
+
 EPS = 1e-9  # epochs closer than this are the same point (sums of float intervals)
 DECIMALS = 4  # the release rounds accuracies to 4 decimals before it looks for peaks
 SFT_EPOCHS = 10.0  # SFT's length in the paper, and the baselines' (train.py --max-epochs)
@@ -94,10 +96,14 @@ class SnapshotStore:
     """Parameter snapshots by checkpoint id: CPU copies in memory (dir=None), or safetensors files in `dir` with a
     manifest.json (each snapshot's epoch, stage, scores; the peak count) so that a restarted run finds them.
     Files are written to a temporary name and renamed, the manifest likewise: a kill never leaves half a snapshot,
-    and a file the manifest does not list (killed between the two) is removed when the store is opened again."""
+    and a file the manifest does not list (killed between the two) is removed when the store is opened again.
+    part=(rank, world): under FSDP each rank keeps only its own shard of every snapshot, in its own file; rank 0
+    lists a snapshot in the manifest once every rank has written its part, so only whole snapshots count."""
 
-    def __init__(self, dir: str | os.PathLike | None = None):
+    def __init__(self, dir: str | os.PathLike | None = None, part: tuple[int, int] | None = None):
         self.dir = None if dir is None else Path(dir)
+        self.rank, self.world = part or (0, 1)
+        self.sharded = part is not None
         self.meta: dict[int, dict] = {}        # id -> {"epoch", "stage", "scores"}
         self.tensors: dict[int, dict] = {}     # memory store only
         self.peak_held = 0                     # most snapshots held at once, over the whole run
@@ -110,13 +116,17 @@ class SnapshotStore:
                 m = json.loads(manifest.read_text())
                 self.meta = {int(i): dict(meta) for i, meta in m["snapshots"].items()}
                 self.peak_held = int(m["peak_held"])
+                world = int(m.get("world", 1))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{manifest}: not a snapshot manifest ({type(e).__name__}: {e})") from None
+            if self.meta and world != self.world:
+                raise ValueError(f"{manifest}: snapshots in {world} parts, but this run has {self.world} ranks")
             for i in self.meta:
                 if not self.path(i).is_file():
                     raise FileNotFoundError(f"{manifest} lists snapshot {i} but {self.path(i)} is missing")
         listed = {self.path(i).name for i in self.meta}
-        for p in self.dir.glob("snapshot-*"):
+        mine = f"snapshot-*-rank{self.rank:05d}-*" if self.sharded else "snapshot-*"
+        for p in self.dir.glob(mine):
             if p.name not in listed:
                 p.unlink()
 
@@ -131,12 +141,15 @@ class SnapshotStore:
         return sorted(self.meta)
 
     def path(self, id: int) -> Path:
-        return self.dir / f"snapshot-{id:06d}.safetensors"
+        part = f"-rank{self.rank:05d}-of-{self.world:05d}" if self.sharded else ""
+        return self.dir / f"snapshot-{id:06d}{part}.safetensors"
 
     def write_manifest(self):
-        tmp = self.dir / "manifest.json.tmp"
-        tmp.write_text(json.dumps({"peak_held": self.peak_held, "snapshots": self.meta}, indent=1))
-        os.replace(tmp, self.dir / "manifest.json")
+        if self.rank == 0:
+            tmp = self.dir / "manifest.json.tmp"
+            tmp.write_text(json.dumps({"peak_held": self.peak_held, "world": self.world, "snapshots": self.meta},
+                                      indent=1))
+            os.replace(tmp, self.dir / "manifest.json")
 
     def save(self, id: int, params: dict[str, torch.Tensor], meta: dict):
         if self.dir is None:
@@ -148,6 +161,8 @@ class SnapshotStore:
         self.meta[id] = json.loads(json.dumps(meta))  # a copy: the caller's dicts change later
         self.peak_held = max(self.peak_held, len(self.meta))
         if self.dir is not None:
+            if self.sharded:
+                barrier()  # every rank's part is on disk before the manifest lists the snapshot
             self.write_manifest()
 
     def load(self, id: int) -> dict[str, torch.Tensor]:
@@ -162,6 +177,8 @@ class SnapshotStore:
             del self.tensors[id]
         else:
             self.write_manifest()  # manifest first: a kill in between leaves an unlisted file, removed at next open
+            if self.sharded:
+                barrier()
             self.path(id).unlink()
 
 

@@ -99,10 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     # output
     p.add_argument("--save-final", action="store_true",
                    help="also save the model the method ended with in final-model/ (model/ is the global best)")
+    p.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the saved model/ (auto: the source checkpoint's)")
     # system
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and Adam states over the ranks (FSDP2), for models that do "
+                        "not fit whole on one GPU")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in the backward pass")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training forward (default: on for cuda)")
+                   help="torch.compile each block for training (default: on for cuda)")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
                    help="with --precision fp32: bf16 autocast (default: on for cuda)")
     p.add_argument("--log-every", type=int, default=1, help="console line every N steps")
@@ -125,6 +132,8 @@ def parse_args(argv=None):
         (args.shots >= 0, "--shots must be >= 0"),
         (args.task_order is None or args.method == "continual", "--task-order is for --method continual"),
         (args.search_log is None or args.method in ("sro", "soft-sro"), "--search-log is for --method sro or soft-sro"),
+        (not (args.fsdp and args.method == "dynamix"), "--fsdp does not support --method dynamix yet (its look-ahead "
+                                                       "deals tasks to ranks): run it without --fsdp"),
         (args.ies_threshold > 0, "--ies-threshold must be > 0"),
         (args.ies_window >= 1, "--ies-window must be >= 1"),
         (args.dynamix_every >= 0, "--dynamix-every must be >= 0"),
@@ -189,8 +198,12 @@ class Run:
         self.ddp, self.rank, _, self.world, self.device = parallel.setup(args.device)
         cuda = self.device.type == "cuda"
         self.compile = cuda if args.compile is None else args.compile
-        # pure bf16 computes in bf16 anyway; fp32 weights compute in bf16 under autocast (on GPUs by default)
-        use_autocast = args.precision == "fp32" and (cuda if args.autocast is None else args.autocast)
+        self.fsdp = args.fsdp
+        self.holds_snapshots = self.fsdp or self.rank == 0  # FSDP: every rank its shard; else rank 0 whole copies
+        # pure bf16 computes in bf16 anyway; fp32 weights compute in bf16 (on GPUs by default): under autocast, or
+        # under FSDP by its mixed precision (bf16 copies of the gathered blocks, fp32 gradient reduction)
+        bf16_compute = args.precision == "fp32" and (cuda if args.autocast is None else args.autocast)
+        use_autocast = bf16_compute and not self.fsdp
         self.autocast = torch.autocast(self.device.type, torch.bfloat16) if use_autocast else nullcontext()
         self.out = Path(args.out)
         self.sft_epochs = msft.SFT_EPOCHS if args.max_epochs is None else args.max_epochs  # SFT's length, the baselines'
@@ -212,18 +225,25 @@ class Run:
         self.segment = None  # [active tasks, origin epoch, examples trained since the origin] (train)
         self.epoch = 0.0     # epochs trained on the path to the model as it is, summed over segments
 
-        # model: the uncompiled module is what is evaluated, snapshotted and saved
+        # model: the module (its blocks compiled for training) is what is evaluated, snapshotted and saved
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        self.model = Transformer.from_pretrained(model_dir, device=self.device, dtype=dtype)
+        shard = None
+        if self.fsdp:
+            shard = lambda m: parallel.shard(m, param_dtype=torch.bfloat16 if bf16_compute else None,
+                                             reduce_dtype=dtype)
+        self.model = Transformer.from_pretrained(model_dir, device=self.device, dtype=dtype, prepare=shard)
+        self.save_dtype = source_dtype(model_dir) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
         if self.tok.get_vocab_size() > self.model.config.vocab_size:
             raise SystemExit(f"{model_dir}: the tokenizer has {self.tok.get_vocab_size()} tokens but the model's "
                              f"vocabulary is {self.model.config.vocab_size}")
         self.pad = self.eos
-        self.fwd = self.model
-        if self.ddp:
-            self.fwd = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+        for block in self.model.layers:
+            block.checkpointing = args.activation_checkpointing
         if self.compile:
-            self.fwd = torch.compile(self.fwd)
+            self.model.compile_blocks()
+        self.fwd = self.model
+        if self.ddp and not self.fsdp:
+            self.fwd = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
         self.new_optimizer()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.flops = flops.FlopCounter(self.n_params)
@@ -301,7 +321,7 @@ class Run:
         loss_sum, real, padded = 0.0, 0, 0
         by_task = torch.zeros(len(self.tasks), 2, dtype=torch.float64)  # per task: summed token loss, tokens
         for k, part in enumerate(parts):
-            sync = k == len(parts) - 1 or not self.ddp
+            sync = k == len(parts) - 1 or self.fwd is self.model  # DDP all-reduces once, after the last; FSDP every time
             # a rank with no example left in this step still joins the collectives, with a loss of zero
             rows = [enc[j] for j in part] or enc[:1]
             idx, targets = (x.to(self.device) for x in data.collate(rows, self.pad))
@@ -309,7 +329,7 @@ class Run:
                 losses = example_losses(self.fwd(idx), targets)  # (B,) summed over each row's answer tokens
                 w = torch.tensor([weight[j] for j in part] or [0.0], device=self.device)
                 loss = (losses * w).sum()
-            (loss * self.world).backward()  # DDP averages over ranks; undo that to get a plain sum
+            (loss * self.world).backward()  # DDP and FSDP average over ranks; undo that to get a plain sum
             if not part:
                 continue
             loss_sum += loss.item()
@@ -355,17 +375,18 @@ class Run:
         items = sorted(items, key=lambda x: len(self.train_enc[x[0]][x[1]][0]))
         real = 0
         for part in data.micro_batches(len(items), self.world, self.args.micro_batch)[self.rank]:
-            rows = [self.train_enc[t][i] for t, i in (items[j] for j in part)]
-            if not rows:
+            if not part and not (self.fsdp and items):
                 continue
+            # under FSDP a rank with nothing left in this pass still joins the others' all-gathers
+            rows = [self.train_enc[t][i] for t, i in (items[j] for j in part or [0])]
             idx, targets = (x.to(self.device) for x in data.collate(rows, self.pad))
             with self.autocast:
-                losses = example_losses(self.model(idx), targets)  # the plain module: no gradient, no all-reduce
+                losses = example_losses(self.model(idx), targets)  # the module itself: no DDP all-reduce
             for j, l, n in zip(part, losses.tolist(), (targets != -100).sum(1).tolist()):
                 t, i = items[j]
                 self.example_loss[t][i][0] += l / n
                 self.example_loss[t][i][1] += 1
-            real += sum(len(ids) - 1 for ids, _ in rows)
+            real += sum(len(ids) - 1 for ids, _ in rows) if part else 0
         real = parallel.all_sum(real, self.device)
         self.flops.forward(real)
         return real
@@ -397,7 +418,7 @@ class Run:
         evaluation (the report on the test split) is counted apart from the method's FLOPs."""
         a = self.args
         self.model.eval()
-        with self.autocast:
+        with self.autocast, parallel.gathered(self.model, self.fsdp):
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
                            shots=a.shots, seed=a.seed, limit=a.eval_limit, batch_size=a.eval_batch,
                            max_new_tokens=a.max_new_tokens, signal=a.signal)
@@ -407,59 +428,78 @@ class Run:
         return {t: (r["acc"] if a.signal == "acc" else -r["loss"]) for t, r in res.items()}
 
     def snapshot(self) -> dict:
-        # rank 0 keeps the copies; the other ranks get theirs back by broadcast at restore
-        if self.rank != 0:
+        """The parameters on the CPU: under FSDP this rank's shard of each; otherwise rank 0 keeps whole copies and
+        the other ranks nothing (restore broadcasts them)."""
+        if not self.holds_snapshots:
             return {}
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+        return {k: parallel.local(v).detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
                 if not (self.model.config.tie_embeddings and k == "lm_head.weight")}
 
     def restore(self, params: dict):
-        """Parameters back to a checkpoint's, a fresh optimizer, and training from there starts a new segment."""
+        """Parameters back to a checkpoint's, a fresh optimizer, and training from there starts a new segment.
+        Under FSDP each rank copies its own shard back: no rank gathers or sends anything."""
         self.segment = None
         with torch.no_grad():
-            sd = self.model.state_dict()
-            for k, v in sd.items():
-                if self.rank == 0 and k in params:
-                    v.copy_(params[k])
-                if self.ddp:
+            for k, v in self.model.state_dict().items():
+                if self.holds_snapshots and k in params:
+                    parallel.local(v).copy_(params[k])
+                if self.ddp and not self.fsdp:
                     dist.broadcast(v, 0)
         self.new_optimizer()
 
     def checkpoint(self, state):
-        """Everything needed to continue after this evaluation. The tensors go to new files; state.json, replaced
-        atomically, names them and is the commit point: a kill at any moment leaves the previous checkpoint whole."""
-        if self.rank == 0:
-            folder = self.out / "state"
+        """Everything needed to continue after this evaluation. The tensors go to new files (under FSDP one per
+        rank, its shards); state.json, replaced atomically by rank 0 once every rank's files are written, names
+        them and is the commit point: a kill at any moment leaves the previous checkpoint whole."""
+        folder = self.out / "state"
+        tag = f"{self.log_lines:09d}"  # the same on every rank, and new at every checkpoint of this run's log
+        if self.holds_snapshots:
             folder.mkdir(exist_ok=True)
-            tag = time.time_ns()  # new names every time: the files state.json names are never overwritten
             opt = {}
             for i, p in enumerate(self.model.parameters()):
                 for k, v in self.opt.state.get(p, {}).items():
-                    opt[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
-            files = {"model": f"model-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors"}
+                    v = parallel.local(v).detach().cpu()
+                    opt[f"{i}.{k}"] = v.reshape(-1) if v.dim() == 0 else v
             for name, tensors in (("model", self.snapshot()), ("optimizer", opt)):
-                save_file(tensors, folder / (files[name] + ".tmp"))
-                os.replace(folder / (files[name] + ".tmp"), folder / files[name])
+                path = folder / self.state_file(name, tag)
+                save_file(tensors, path.with_name(path.name + ".tmp"))
+                os.replace(path.with_name(path.name + ".tmp"), path)
+        parallel.barrier()
+        if self.rank == 0:
             write_json(folder / "state.json", {
-                "files": files, "loop": state.to_json() if hasattr(state, "to_json") else state,
+                "tag": tag, "sharded": self.fsdp, "world": self.world,
+                "loop": state.to_json() if hasattr(state, "to_json") else state,
                 "sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch,
                 "step": self.step, "tokens": self.tokens,
                 "flops": self.flops.state_dict(), "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
-            for f in folder.iterdir():  # what the new state.json does not name is an older checkpoint
-                if f.name != "state.json" and f.name not in files.values():
+        parallel.barrier()
+        if self.holds_snapshots:  # what the new state.json does not name is an older checkpoint: each rank its own
+            keep = {self.state_file(name, tag) for name in ("model", "optimizer")}
+            for f in folder.glob(self.state_file("*", "*")):
+                if f.name not in keep:
                     f.unlink()
-        if self.ddp:
-            dist.barrier()
+
+    def state_file(self, name: str, tag: str) -> str:
+        return f"{name}-{tag}" + (f"-rank{self.rank:05d}-of-{self.world:05d}" if self.fsdp else "") + ".safetensors"
 
     def load_checkpoint(self) -> dict:
         path = self.out / "state"
         s = json.loads((path / "state.json").read_text())
-        self.restore(load_file(path / s["files"]["model"]))
-        opt = load_file(path / s["files"]["optimizer"])
+        if s["sharded"] and s["world"] != self.world:
+            raise SystemExit(f"--resume: {path} holds FSDP shards of {s['world']} ranks; resume it with "
+                             f"--nproc_per_node x nodes = {s['world']}")
+        holder = self.holds_snapshots or not self.fsdp  # without FSDP every rank reads rank 0's whole files
+        self.restore(load_file(path / self.state_file("model", s["tag"])) if holder else {})
+        opt = load_file(path / self.state_file("optimizer", s["tag"]))
         for i, p in enumerate(self.model.parameters()):
             st = {k.split(".", 1)[1]: v.to(self.device) for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
             if st:
                 st["step"] = st["step"].reshape(())
+                if hasattr(p, "to_local"):  # this rank's shard of each moment, as a DTensor like its parameter
+                    from torch.distributed.tensor import DTensor
+                    st = {k: v if k == "step" else DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                                      shape=p.shape, stride=p.stride())
+                          for k, v in st.items()}
                 self.opt.state[p] = st
         self.sampler.load_state_dict(s["sampler"])
         self.segment, self.epoch, self.step, self.tokens = s["segment"], s["epoch"], s["step"], s["tokens"]
@@ -476,7 +516,7 @@ class Run:
 def run_sft(run: Run, store, state: dict | None) -> tuple[dict, dict]:
     """The whole mixture for --max-epochs, evaluated every interval; the best average is the chosen checkpoint."""
     a, tasks, end = run.args, run.tasks, run.sft_epochs
-    if state is not None and run.rank != 0:  # rank 0 holds the best; the others keep an empty stand-in
+    if state is not None and not run.holds_snapshots:  # rank 0 holds the best; the others an empty stand-in
         store.save(state["best"]["id"], {}, {})
     state = state or {"epoch": 0.0, "evals": 0, "best": None}
     while True:
@@ -506,7 +546,7 @@ def run_msft_method(run: Run, store, state: dict | None) -> tuple[dict, dict]:
     a = run.args
     if state is not None:
         state = msft.LoopState.from_json(state)
-        if run.rank != 0:  # rank 0 holds the snapshots; the others keep empty stand-ins for the bookkeeping
+        if not run.holds_snapshots:  # rank 0 holds the snapshots; the others keep empty stand-ins
             for i in msft.needed(state.history, state.active, state.best["id"]) - {state.model_at}:
                 store.save(i, {}, {})
     # the release's order for its ten tasks; a user's own tasks come after them, by name
@@ -554,7 +594,8 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "args.json", vars(args))
     parallel.barrier()
-    store = msft.SnapshotStore(out / "snapshots" if args.snapshots == "disk" and run.rank == 0 else None)
+    disk = args.snapshots == "disk" and run.holds_snapshots
+    store = msft.SnapshotStore(out / "snapshots" if disk else None, part=(run.rank, run.world) if run.fsdp else None)
     state = None
     if args.resume:
         state = run.load_checkpoint()
@@ -569,7 +610,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     best, last = run_method(run, store, state)
     # the report (SPEC 3): the global best and the final model, each scored on the test split
     final_scores = run.evaluate(run.tasks, split="test", final=True)
-    if args.save_final and run.rank == 0:
+    if args.save_final:
         save_model(run, model_dir, out / "final-model")
     if best["id"] != last["id"]:
         run.restore(store.load(best["id"]))
@@ -581,8 +622,8 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
              "test_avg": mean(scores), "final_epoch": last["epoch"], "final_scores": final_scores,
              "final_test_avg": mean(final_scores), "flops": run.flops.report(), "peak_snapshots": store.peak_held}
     run.log(final)
+    save_model(run, model_dir, out / "model")
     if run.rank == 0:
-        save_model(run, model_dir, out / "model")
         summary = {"args": vars(args), "method": args.method, "tasks": run.tasks, "best_epoch": best["epoch"],
                    "selection_avg": best["avg"], "test_scores": scores, "test_avg": final["test_avg"],
                    "final_epoch": last["epoch"], "final_test_scores": final_scores,
@@ -597,11 +638,26 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
 
 
 def save_model(run: Run, model_dir: Path, folder: Path):
-    """The model as it is, in hub layout with the source checkpoint's tokenizer files: transformers loads it."""
-    run.model.save_pretrained(folder)
+    """The model as it is, in hub layout in --save-dtype, with the source checkpoint's tokenizer files: transformers
+    loads it. A sharded model is gathered one tensor at a time, and rank 0 writes each shard file as it fills."""
+    tensors = parallel.full_tensors(run.model.state_dict())
+    if run.rank != 0:
+        for _ in tensors:  # every rank takes part in every gather
+            pass
+        return
+    run.model.save_pretrained(folder, dtype=run.save_dtype, tensors=tensors)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (model_dir / f).is_file():
             shutil.copy(model_dir / f, folder / f)
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the source checkpoint stores its weights in (that of its first tensor)."""
+    from safetensors import safe_open
+    from model import safetensors_files
+    with safe_open(safetensors_files(model_dir)[0], framework="pt") as st:
+        kind = st.get_slice(next(iter(st.keys()))).get_dtype()
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(kind, torch.float32)
 
 
 def read_log(path: Path) -> list[dict]:
