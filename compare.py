@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 import re
-import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -348,16 +348,33 @@ def run_methods(args, extra: list[str]):
         if (folder / "state" / "state.json").is_file():
             argv = [*argv, "--resume"]
             print(f"{folder.name}: resuming", flush=True)
-        elif (folder / "log.jsonl").is_file():  # killed before its first evaluation: nothing to keep
-            print(f"{folder.name}: killed before its first evaluation, starting it again", flush=True)
-            shutil.rmtree(folder)
-        else:
+        else:  # train.py starts afresh a folder whose run was killed before its first checkpoint
             print(f"{folder.name}: starting", flush=True)
-        rc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv]).returncode
+        rc = run_child([sys.executable, str(REPO / "train.py"), *argv])
         if rc:
             raise SystemExit(f"train.py for {folder} exited with {rc} (its output is above); run the same command "
                              f"again to continue")
     return report(root)
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one train.py and wait for it; if compare.py is stopped (Ctrl-C, SIGTERM), the child is stopped too, so
+    no orphan goes on writing a run folder that a later compare.py would take up."""
+    child = subprocess.Popen(cmd)
+
+    def stop(signum, frame):
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise SystemExit(f"stopped by signal {signum}: train.py (pid {child.pid}) stopped; the same command continues")
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def main(argv=None):

@@ -10,6 +10,8 @@ A mixture folder comes from `python data.py prepare`. The run writes to --out: l
 happens), summary.json, model/ (the chosen checkpoint, loadable by transformers), snapshots/ and state/ (for resume).
 """
 import argparse
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import baselines
+import cli
 import data
 import flops
 import msft
@@ -39,8 +42,12 @@ METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 # -----------------------------------------------------------------------------
 # arguments
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # what to train
     p.add_argument("--method", choices=METHODS, default=None,
                    help="sft, msft, or a baseline of baselines.py (demo: sft and msft, one after the other)")
@@ -50,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>, or runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed evaluation")
     # the algorithm (SPEC sections 3, 9)
-    p.add_argument("--budget", type=float, default=3.0, help="mSFT compute budget C: epochs per roll-out (Table 2: 3)")
-    p.add_argument("--interval", type=float, default=0.25, help="evaluate every this many epochs of the active mixture")
-    p.add_argument("--max-stages", type=int, default=10, help="mSFT stops after this many stages (the release: 10)")
-    p.add_argument("--max-epochs", type=float, default=None,
+    p.add_argument("--budget", type=cli.number(float, above=0), default=3.0,
+                   help="mSFT compute budget C: epochs per roll-out (Table 2: 3)")
+    p.add_argument("--interval", type=cli.number(float, above=0), default=0.25,
+                   help="evaluate every this many epochs of the active mixture")
+    p.add_argument("--max-stages", type=cli.number(int, at_least=1), default=10,
+                   help="mSFT stops after this many stages (the release: 10)")
+    p.add_argument("--max-epochs", type=cli.number(float, above=0), default=None,
                    help="SFT and the baselines train this long (default 10); caps mSFT's cumulative epochs only when given")
     p.add_argument("--ties", choices=("first", "all"), default="first",
                    help="of the tasks peaking first together, exclude the first in the release's order (SPEC 9), or all")
@@ -67,36 +77,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-log", default=None,
                    help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
                         "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
-    p.add_argument("--ies-threshold", type=float, default=1e-3,
+    p.add_argument("--ies-threshold", type=cli.number(float, above=0), default=1e-3,
                    help="ies: an example whose mean |second difference| of loss is under this is left out of backprop")
-    p.add_argument("--ies-window", type=int, default=3,
+    p.add_argument("--ies-window", type=cli.number(int, at_least=1), default=3,
                    help="ies: epochs that mean is over (the reference code: 3; an example can leave after window + 3 "
                         "epochs at the earliest)")
-    p.add_argument("--dynamix-every", type=int, default=0, help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
-    p.add_argument("--dynamix-batch", type=int, default=8, help="dynamix: examples per task in each look-ahead")
-    p.add_argument("--dynamix-beta", type=float, default=4.0, help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
+    p.add_argument("--dynamix-every", type=cli.number(int, at_least=0), default=0,
+                   help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
+    p.add_argument("--dynamix-batch", type=cli.number(int, at_least=1), default=8,
+                   help="dynamix: examples per task in each look-ahead")
+    p.add_argument("--dynamix-beta", type=cli.number(float, at_least=0), default=4.0,
+                   help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
     # optimisation (the release: Adam lr 1e-5 constant, no warmup, no weight decay, no clipping, batch 64, seed 20)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--lr", type=cli.number(float, above=0), default=1e-5, help="learning rate, constant")
+    p.add_argument("--batch-size", type=cli.number(int, at_least=1), default=64,
                    help="examples per optimizer step, all ranks together (the last step of an epoch takes what is left)")
-    p.add_argument("--micro-batch", type=int, default=8, help="at most this many examples per forward pass on one rank")
-    p.add_argument("--loss-group", type=int, default=4,
+    p.add_argument("--micro-batch", type=cli.number(int, at_least=1), default=8,
+                   help="at most this many examples per forward pass on one rank")
+    p.add_argument("--loss-group", type=cli.number(int, at_least=0), default=4,
                    help="the step's loss is the mean over groups of this many examples (in sampling order) of each "
                         "group's token-mean loss, as the release's micro-batches of 4; 0: the token mean of the step")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: off (the release has none)")
+    p.add_argument("--grad-clip", type=cli.number(float, at_least=0), default=0.0,
+                   help="max gradient norm; 0: off (the release has none)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32: fp32 weights and Adam states, bf16 autocast on GPUs; bf16: pure bf16 weights and Adam "
                         "states, no master copy (the release)")
-    p.add_argument("--max-len", type=int, default=512, help="longer training examples are dropped and counted")
-    p.add_argument("--seed", type=int, default=20)
+    p.add_argument("--max-len", type=cli.number(int, above=8), default=512,
+                   help="longer training examples are dropped and counted")
+    p.add_argument("--seed", type=cli.number(int, at_least=0), default=20, help="seeds the data order and the shots")
     # evaluation
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N selection examples per task")
-    p.add_argument("--eval-batch", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--shots", type=cli.number(int, at_least=0), default=5, help="worked examples before each question")
+    p.add_argument("--eval-limit", type=cli.number(int, at_least=1), default=None,
+                   help="evaluate on the first N selection examples per task (default: all)")
+    p.add_argument("--eval-batch", type=cli.number(int, at_least=1), default=32, help="questions decoded together")
+    p.add_argument("--max-new-tokens", type=cli.number(int, at_least=1), default=256,
+                   help="generation cap of the accuracy signal")
     p.add_argument("--select-on", choices=("selection", "test"), default="selection",
                    help="split that scores checkpoints; 'test' reproduces the release (selects on the reported data)")
     # output
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep state/ and snapshots/ when the run finishes (by default only model/ and the logs stay)")
     p.add_argument("--save-final", action="store_true",
                    help="also save the model the method ended with in final-model/ (model/ is the global best)")
     p.add_argument("--save-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -112,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each block for training (default: on for cuda)")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
                    help="with --precision fp32: bf16 autocast (default: on for cuda)")
-    p.add_argument("--log-every", type=int, default=1, help="console line every N steps")
+    p.add_argument("--log-every", type=cli.number(int, at_least=1), default=None,
+                   help="a console line every N steps (default: one every 15 seconds); log.jsonl has every step")
+    p.add_argument("--quiet", action="store_true", help="console: only decisions and the end (the demo's choice)")
     return p
 
 
@@ -120,25 +142,12 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     checks = [
-        (args.budget > 0, "--budget must be > 0"),
-        (0 < args.interval <= args.budget, "--interval must be > 0 and no larger than --budget"),
-        (args.max_stages >= 1, "--max-stages must be >= 1"),
+        (args.interval <= args.budget, "--interval must be no larger than --budget"),
         (args.max_epochs is None or args.max_epochs >= args.interval, "--max-epochs must be at least --interval"),
-        (args.lr > 0, "--lr must be > 0"),
-        (args.batch_size > 0 and args.micro_batch > 0, "--batch-size and --micro-batch must be > 0"),
-        (args.loss_group >= 0, "--loss-group must be >= 0"),
-        (args.max_len > 8, "--max-len must be > 8"),
-        (args.eval_limit is None or args.eval_limit > 0, "--eval-limit must be > 0"),
-        (args.shots >= 0, "--shots must be >= 0"),
         (args.task_order is None or args.method == "continual", "--task-order is for --method continual"),
         (args.search_log is None or args.method in ("sro", "soft-sro"), "--search-log is for --method sro or soft-sro"),
         (not (args.fsdp and args.method == "dynamix"), "--fsdp does not support --method dynamix yet (its look-ahead "
                                                        "deals tasks to ranks): run it without --fsdp"),
-        (args.ies_threshold > 0, "--ies-threshold must be > 0"),
-        (args.ies_window >= 1, "--ies-window must be >= 1"),
-        (args.dynamix_every >= 0, "--dynamix-every must be >= 0"),
-        (args.dynamix_batch >= 1, "--dynamix-batch must be >= 1"),
-        (math.isfinite(args.dynamix_beta) and args.dynamix_beta >= 0, "--dynamix-beta must be a finite number >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -180,10 +189,15 @@ def example_losses(logits, targets):
     return ce.view(targets.shape).sum(1)
 
 
-def write_json(path: Path, obj):
+def write_text(path: Path, text: str):
+    """Written to a temporary name and renamed: a kill or a full disk never leaves half a file under the name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -251,6 +265,11 @@ class Run:
         self.tokens = 0
         self.t0 = time.time()
         self.log_file = None
+        self.model_dir = model_dir
+        self.fingerprint = fingerprint(data_dir, self.tasks, model_dir)
+        # the console: a line every --log-every steps or 15 s, its ETA from this process's own training and
+        # evaluation rates (seconds an epoch, seconds an evaluation)
+        self.printed, self.epoch_seconds, self.eval_seconds, self.eval_started = time.time(), None, None, time.time()
         # hooks for the baselines (baselines.py): IES collects each example's loss in `example_loss` (task ->
         # [[loss sum, token count] per example]); DynamixSFT re-weights the mixture in `on_step`, called before
         # each optimizer step
@@ -268,21 +287,27 @@ class Run:
         path = self.out / "log.jsonl"
         if self.rank == 0:
             if keep_lines is not None:  # resume: drop what came after the last checkpoint; it will be redone
-                lines = path.read_text().splitlines(keepends=True)[:keep_lines] if path.exists() else []
-                path.write_text("".join(lines))
+                lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+                if len(lines) < keep_lines:
+                    raise SystemExit(f"--resume: {path} has {len(lines)} lines but the checkpoint in {self.out}/state "
+                                     f"was taken after {keep_lines}: the log is not this run's, or was cut")
+                write_text(path, "".join(lines[:keep_lines]))  # whole or not at all, as every rewrite here
             self.log_file = open(path, "a")
         self.log_lines = keep_lines or 0
 
     def log(self, event: dict):
-        event = {"event": event["event"], "step": self.step, **event}
+        event = {"event": event["event"], "step": self.step, "time": round(time.time(), 3), **event}
         self.log_lines += 1
         if self.rank == 0:
             self.log_file.write(json.dumps(event) + "\n")
             self.log_file.flush()
             os.fsync(self.log_file.fileno())
         if event["event"] == "eval":
-            scores = "  ".join(f"{t} {s:.3f}" for t, s in sorted(event["scores"].items()))
-            print0(f"eval  stage {event.get('stage', '-')} epoch {event['epoch']:.2f} | avg {event['avg']:.4f} | {scores}")
+            self.eval_seconds = time.time() - self.eval_started
+            if not self.args.quiet:
+                scores = "  ".join(f"{t} {s:.3f}" for t, s in sorted(event["scores"].items()))
+                print0(f"eval  stage {event.get('stage', '-')} epoch {event['epoch']:.2f} | avg {event['avg']:.4f} | "
+                       f"{scores} | {self.eval_seconds:.0f} s")
         elif event["event"] == "decision":
             print0(f"decision stage {event['stage']}: {event['kind']} {event.get('excluded') or ''} "
                    f"roll back to epoch {event.get('rollback_epoch')}")
@@ -346,8 +371,10 @@ class Run:
         loss = parallel.all_sum(loss_sum, self.device)
         if not math.isfinite(loss):
             self.log({"event": "error", "message": f"loss is {loss} at step {self.step + 1}"})
-            raise SystemExit(f"stopping: the loss is {loss} at step {self.step + 1}; everything up to the last "
-                             f"evaluation is in {self.out}")
+            epoch = self.export_last_good()
+            raise SystemExit(f"stopping: the loss is {loss} at step {self.step + 1}. The last good checkpoint "
+                             f"(epoch {epoch:.2f}) is in {self.out}/model; continue from it with a smaller "
+                             f"learning rate: the same command with --resume --lr {self.args.lr / 10:g}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -364,9 +391,23 @@ class Run:
         self.log({"event": "train", "epoch": round(self.epoch, 6), "examples": len(batch), "loss": loss,
                   "task_loss": task_loss, "lr": a.lr, "tokens": int(real), "tok_per_s": real / dt,
                   "real_frac": real / padded})
-        if self.step % a.log_every == 0:
-            print0(f"step {self.step:5d} | epoch {self.epoch:6.3f} | loss {loss:.4f} | {real / dt:8.0f} tok/s | "
-                   f"real {real / padded:.0%}")
+        rate = dt * self.sampler.size / len(batch)  # seconds an epoch at this step's pace; averaged below
+        self.epoch_seconds = rate if self.epoch_seconds is None else 0.9 * self.epoch_seconds + 0.1 * rate
+        due = self.step % a.log_every == 0 if a.log_every else time.time() - self.printed >= 15
+        if due and not a.quiet:
+            self.printed = time.time()
+            print0(f"step {self.step:6d} | epoch {self.epoch:7.3f} | loss {loss:.4f} | {real / dt:8.0f} tok/s | "
+                   f"{self.eta()}")
+
+    def eta(self) -> str:
+        """Time left to the end of this stage (mSFT, continual SFT) or run: its epochs at the training pace so far,
+        and its evaluations at the last one's pace."""
+        a, origin = self.args, self.segment[1]
+        stage = a.method in ("msft", "continual")
+        end = min(origin + a.budget, a.max_epochs or math.inf) if stage else self.sft_epochs
+        left = max(end - self.epoch, 0.0)
+        seconds = left * self.epoch_seconds + math.ceil(left / a.interval - 1e-9) * (self.eval_seconds or 0.0)
+        return f"{'stage' if stage else 'run'} ends in {seconds / 60:5.1f} min"
 
     @torch.no_grad()
     def measure(self, items: list[tuple[str, int]]) -> int:
@@ -417,6 +458,7 @@ class Run:
         """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split or `split`. A final
         evaluation (the report on the test split) is counted apart from the method's FLOPs."""
         a = self.args
+        self.eval_started = time.time()
         self.model.eval()
         with self.autocast, parallel.gathered(self.model, self.fsdp):
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
@@ -467,7 +509,7 @@ class Run:
         parallel.barrier()
         if self.rank == 0:
             write_json(folder / "state.json", {
-                "tag": tag, "sharded": self.fsdp, "world": self.world,
+                "tag": tag, "sharded": self.fsdp, "world": self.world, "fingerprint": self.fingerprint,
                 "loop": state.to_json() if hasattr(state, "to_json") else state,
                 "sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch,
                 "step": self.step, "tokens": self.tokens,
@@ -479,12 +521,27 @@ class Run:
                 if f.name not in keep:
                     f.unlink()
 
+    def export_last_good(self) -> float:
+        """After a NaN: the last committed checkpoint's parameters into OUT/model (loadable), its epoch returned."""
+        path = self.out / "state"
+        s = json.loads((path / "state.json").read_text())
+        self.restore(load_file(path / self.state_file("model", s["tag"])) if self.holds_snapshots or not self.fsdp
+                     else {})
+        save_model(self, self.model_dir, self.out / "model")
+        return s["epoch"]
+
     def state_file(self, name: str, tag: str) -> str:
         return f"{name}-{tag}" + (f"-rank{self.rank:05d}-of-{self.world:05d}" if self.fsdp else "") + ".safetensors"
 
     def load_checkpoint(self) -> dict:
         path = self.out / "state"
         s = json.loads((path / "state.json").read_text())
+        changed = [k for k in self.fingerprint if s["fingerprint"].get(k) != self.fingerprint[k]]
+        if changed:
+            what = {"data": f"the mixture in --data {self.args.data}", "model": f"the checkpoint {self.model_dir}"}
+            raise SystemExit(f"--resume: {' and '.join(what[k] for k in changed)} changed since the run in "
+                             f"{self.out} began (files differ from its fingerprint): resume with the same files, or "
+                             f"start a new run in another --out")
         if s["sharded"] and s["world"] != self.world:
             raise SystemExit(f"--resume: {path} holds FSDP shards of {s['world']} ranks; resume it with "
                              f"--nproc_per_node x nodes = {s['world']}")
@@ -507,6 +564,31 @@ class Run:
         self.t0 = time.time() - s["elapsed"]
         self.open_log(s["log_lines"])
         return s["loop"]
+
+
+def fingerprint(data_dir: Path, tasks: list[str], model_dir: Path) -> dict[str, str]:
+    """sha256 digests that --resume compares: the mixture (manifest and every split file of the run's tasks), and
+    the checkpoint (config, tokenizer, each weight file's header and its first and last MiB: a changed file, not a
+    full read of 15 GB)."""
+    def digest(paths, sample=False):
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                if not sample:
+                    h.update(f.read())
+                    continue
+                size = os.fstat(f.fileno()).st_size
+                head = int.from_bytes(f.read(8), "little")  # safetensors: the JSON header's length
+                f.seek(0)
+                h.update(f.read(min(size, 8 + head + 2**20)))
+                f.seek(max(0, size - 2**20))
+                h.update(f.read() + str(size).encode())
+        return h.hexdigest()
+    from model import safetensors_files
+    data_files = [data_dir / "manifest.json"] + [data_dir / t / f"{s}.jsonl" for t in tasks for s in data.SPLITS]
+    config = [p for p in (model_dir / "config.json", model_dir / "tokenizer.json") if p.is_file()]
+    return {"data": digest(data_files), "model": digest(config) + digest(safetensors_files(model_dir), sample=True)}
 
 
 # -----------------------------------------------------------------------------
@@ -575,32 +657,45 @@ def check_interval(run: Run):
 
 def train(args, model_dir: Path, data_dir: Path) -> dict:
     out = Path(args.out)
-    if args.resume and not (out / "state" / "state.json").is_file():
-        raise SystemExit(f"--resume: {out}/state/state.json not found (nothing to resume in {out})")
-    if not args.resume and (out / "log.jsonl").exists():
-        raise SystemExit(f"{out} already holds a run (log.jsonl): pass --resume to continue it, or choose another --out")
+    parallel.setup(args.device)
+    if parallel.rank() == 0:
+        lock_folder(out)  # one writer per run folder, held until this process ends
+    state_json = out / "state" / "state.json"
+    if (out / "summary.json").is_file():
+        raise SystemExit(f"{out} holds a finished run (summary.json): choose another --out, or remove it")
     if args.resume and args.snapshots == "memory":
         raise SystemExit("--resume: a run with --snapshots memory lost its snapshots with its process; "
                          "runs that must survive a kill use --snapshots disk")
+    if not args.resume and state_json.is_file():
+        raise SystemExit(f"{out} holds a run that can continue: pass --resume to continue it, or choose another --out")
+    if args.resume and not state_json.is_file():
+        print0(f"--resume: {out} has no committed checkpoint (killed before its first evaluation ended): "
+               "starting it afresh")
+        args.resume = False
     if args.resume:
         saved = json.loads((out / "args.json").read_text())
-        diff = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ("resume", "log_every")
-                and saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in vars(args).items()
+                if k not in ("resume", "log_every", "quiet", "lr") and saved.get(k) != v}
         if diff:
-            raise SystemExit(f"--resume with other arguments than the run in {out}: {diff} (saved, given)")
+            raise SystemExit(f"--resume with other arguments than the run in {out}: {diff} (saved, given); "
+                             f"only --lr may change")
+    elif parallel.rank() == 0:  # a fresh start: whatever a run killed before its first checkpoint left goes
+        clear_folder(out)
+    parallel.barrier()
     run = Run(args, model_dir, data_dir)
     check_interval(run)
-    if run.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "args.json", vars(args))
-    parallel.barrier()
     disk = args.snapshots == "disk" and run.holds_snapshots
     store = msft.SnapshotStore(out / "snapshots" if disk else None, part=(run.rank, run.world) if run.fsdp else None)
     state = None
     if args.resume:
+        lr = saved["lr"]
         state = run.load_checkpoint()
+        if lr != args.lr:
+            run.log({"event": "change", "lr": [lr, args.lr], "epoch": run.epoch})
     else:
         run.open_log()
+    if run.rank == 0:
+        write_json(out / "args.json", vars(args))
     print0(f"{args.method}: {len(run.tasks)} tasks {run.tasks}, {sum(map(len, run.train_enc.values()))} training "
            f"examples (dropped as too long: {sum(run.dropped.values())}), {run.n_params / 1e6:.1f}M parameters, "
            f"world {run.world}, device {run.device}, precision {args.precision}, compile {run.compile}")
@@ -623,6 +718,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
              "final_test_avg": mean(final_scores), "flops": run.flops.report(), "peak_snapshots": store.peak_held}
     run.log(final)
     save_model(run, model_dir, out / "model")
+    parallel.barrier()
     if run.rank == 0:
         summary = {"args": vars(args), "method": args.method, "tasks": run.tasks, "best_epoch": best["epoch"],
                    "selection_avg": best["avg"], "test_scores": scores, "test_avg": final["test_avg"],
@@ -630,11 +726,47 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
                    "final_test_avg": final["final_test_avg"], "flops": final["flops"],
                    "peak_snapshots": store.peak_held, "steps": run.step, "train_tokens": run.tokens,
                    "dropped_too_long": run.dropped, "n_params": run.n_params, "wall_time_s": time.time() - run.t0}
-        write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)  # the run is finished from here on
+        if not args.keep_state:  # the resume state and the snapshots: model/ holds what the run chose
+            for folder in ("state", "snapshots"):
+                shutil.rmtree(out / folder, ignore_errors=True)
         print0(f"done: best epoch {best['epoch']:.2f}, test avg {final['test_avg']:.4f} (final model, epoch "
                f"{last['epoch']:.2f}: {final['final_test_avg']:.4f}), {final['flops']['total']:.3e} FLOPs -> "
                f"{out}/summary.json, {out}/model")
     return final
+
+
+_LOCKS = {}  # folder -> the open lock file this process holds
+
+
+def lock_folder(out: Path):
+    """An exclusive lock on OUT/lock, held until this process ends (the OS releases it on a kill too): a second
+    process that wants to write the same folder is refused, naming the holder's pid."""
+    key = out.resolve()
+    if key in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"{out} is in use by another run (pid {holder}): wait for it or stop it, or choose another "
+                         "--out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def clear_folder(out: Path):
+    """Everything in OUT but its lock: a fresh start in a folder a killed run left without a checkpoint."""
+    for p in out.iterdir():
+        if p.name != "lock":
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def save_model(run: Run, model_dir: Path, folder: Path):
@@ -687,15 +819,16 @@ def demo(args, given: set[str]):
         data.make_demo(data_dir)
         demo_checkpoint(data_dir)
     parallel.barrier()
-    for k, v in data.DEMO_ARGS.items():  # the demo's own settings, where the command line gave none
+    for k, v in {**data.DEMO_ARGS, "quiet": True}.items():  # the demo's own settings, where the command line gave none
         if k not in given:
             setattr(args, k, v)
     results = {}
     for method in [args.method] if args.method else ["sft", "msft"]:
         a = argparse.Namespace(**vars(args))
         a.method, a.out = method, str(root / method)
-        if not a.resume and parallel.rank() == 0:
-            shutil.rmtree(a.out, ignore_errors=True)
+        if not a.resume and parallel.rank() == 0:  # the demo starts afresh, but never under a live run
+            lock_folder(Path(a.out))
+            clear_folder(Path(a.out))
         parallel.barrier()
         results[method] = train(a, data_dir / "model", data_dir)
     if "sft" in results:  # the heterogeneous overfitting mSFT is for: every task peaks at its own epoch
@@ -738,4 +871,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

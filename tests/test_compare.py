@@ -188,7 +188,7 @@ def test_bad_run_folders_are_refused(tmp_path):
 # tiny real runs: 2 demo tasks of 300 rows, 1 epoch, the loss signal
 TINY = ["--max-epochs", "1", "--budget", "0.5", "--interval", "0.25", "--signal", "loss", "--eval-limit", "16",
         "--batch-size", "16", "--micro-batch", "8", "--shots", "0", "--max-new-tokens", "4", "--lr", "3e-3",
-        "--tasks", "code", "key", "--log-every", "1000"]
+        "--tasks", "code", "key", "--log-every", "1000", "--keep-state"]  # resumable once finished, for the test
 
 
 def test_sft_and_msft_end_to_end_skip_and_resume(tmp_path, capfd, monkeypatch):
