@@ -132,7 +132,10 @@ try:
 except ImportError:
     tv = None
 cuda = torch.cuda.is_available()
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+try:  # the copy of the repository on a GPU machine may have no .git, and the machine no git
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+except OSError:
+    commit = None
 print(json.dumps({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                   "transformers": tv, "gpu": torch.cuda.get_device_name(0) if cuda else None,
                   "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
