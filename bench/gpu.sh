@@ -31,7 +31,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 for p in ${only//,/ }; do
-  case $p in tests|train_mfu|eval) ;; *) echo "bench/gpu.sh: --only $p: expected tests, train_mfu or eval" >&2; exit 2 ;; esac
+  case $p in
+    tests|train_mfu|eval) ;;
+    *) echo "bench/gpu.sh: --only $p: expected tests, train_mfu or eval" >&2; exit 2 ;;
+  esac
 done
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -46,17 +49,20 @@ log=$out/gpu.log
 : > "$work/parts.tsv"
 export PYTHONUNBUFFERED=1
 
+say() {  # to the screen, gpu.log, and the part's own log when it has one
+  echo "$1" | tee -a "$log" | { [ "$plog" = "$log" ] && cat || tee -a "$plog"; }
+}
 # part NAME CAP_SECONDS LOGFILE CMD...: runs CMD under a time cap, appends its output to LOGFILE, records the outcome
 part() {
   local name=$1 cap=$(($2 * ${MSFT_GPU_CAP_PERCENT:-100} / 100)) plog=$3
   shift 3
-  echo "=== $name (cap ${cap}s): $*" | tee -a "$log" | { [ "$plog" = "$log" ] && cat || tee -a "$plog"; }
+  say "=== $name (cap ${cap}s): $*"
   local t0=$SECONDS
   # SIGINT first, so pytest still writes its report; SIGKILL 20 s later
   timeout -s INT -k 20 "$cap" "$@" >> "$plog" 2>&1
   local rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >> "$work/parts.tsv"
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log" | { [ "$plog" = "$log" ] && cat || tee -a "$plog"; }
+  say "=== $name: exit $rc after $((SECONDS - t0)) s"
   merge
 }
 skip() {  # skip NAME REASON
@@ -175,8 +181,8 @@ if want eval; then
   if [ "$have_smollm2" != 1 ] || [ "$have_data" != 1 ]; then
     skip eval_openbookqa "needs $smollm2/model.safetensors (bench/smollm2_unpack.sh) and $data/{openbookqa,gsm8k}"
   elif [ "$tiny" = 1 ]; then  # one task: gsm8k differs from it only in its arguments
-    part eval_openbookqa 120 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --n 2 \
-      --batch-size 2 --max-new-tokens 8 --device cpu --dtype float32 --json "$work/eval_openbookqa.json"
+    part eval_openbookqa 120 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --n 2 --shots 1 \
+      --batch-size 2 --max-new-tokens 4 --device cpu --dtype float32 --json "$work/eval_openbookqa.json"
   else
     part eval_openbookqa 60 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --n 200 \
       --batch-size 32 --device cuda --dtype bfloat16 --json "$work/eval_openbookqa.json"

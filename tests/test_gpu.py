@@ -11,7 +11,8 @@ them add up to an error that depends on the model and the input; a fixed bound w
 result is judged against an fp32 run of the same computation: our bf16 logits must be as close to our fp32 logits
 as transformers' bf16 logits are (within 1.5x), a compiled bf16 training run may move the loss from the eager bf16
 run by at most twice what bf16 itself moves it from fp32 (or one bf16 step of the loss, 2^-8 of it, if larger), and
-greedy tokens may part only where the fp32 model's two best logits are closer than the bf16 error at that position.
+greedy tokens may part only where the fp32 model's logits for the two tokens differ by less than twice transformers'
+bf16 error there (its largest over the vocabulary; ours is not used, so a wrong decoder cannot widen its tolerance).
 The evaluator is compared in fp32 on both devices: the same function up to float32 rounding, so its greedy outputs
 must be identical (in bf16, CPU and CUDA kernels round differently and near-ties could part for no fault of ours).
 """
@@ -99,19 +100,16 @@ def test_smollm2_bf16_greedy_tokens_match_transformers(smol):
         want = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32, do_sample=False,
                            pad_token_id=0)[0, idx.size(1):].tolist()
         n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
-        margin = noise = None
-        if n < len(got):  # where they part, the fp32 model must be (nearly) undecided between the two
+        gap = noise = None
+        if n < len(got):  # where they part, the fp32 model must be (nearly) undecided between the two tokens
             ctx = torch.tensor([idx[0].tolist() + got[:n]], device=DEVICE)
-            r = ref(ctx)[0, -1]
-            top2 = r.topk(2).values
-            margin = (top2[0] - top2[1]).item()
-            noise = max((ours(ctx)[0, -1].float() - r).abs().max().item(),
-                        (hf(ctx).logits[0, -1].float() - r).abs().max().item())
-        record("bf16_greedy", prompt=prompt[:30], same_tokens=n, of=len(got), fp32_top2_margin=margin,
-               bf16_noise=noise)
-        assert n == len(got) or margin <= 2 * noise, (
-            f"{prompt!r}: greedy tokens part at {n} where fp32's top-2 margin {margin:.3f} exceeds twice the bf16 "
-            f"error {noise:.3f}: {tok.decode(got)!r} vs {tok.decode(want)!r}")
+            r = ref(ctx)[0, -1]  # (vocab,)
+            gap = (r[got[n]] - r[want[n]]).abs().item()
+            noise = (hf(ctx).logits[0, -1].float() - r).abs().max().item()
+        record("bf16_greedy", prompt=prompt[:30], same_tokens=n, of=len(got), fp32_gap=gap, bf16_noise=noise)
+        assert n == len(got) or gap <= 2 * noise, (
+            f"{prompt!r}: greedy tokens part at {n} where fp32's logits for the two tokens differ by {gap:.3f}, "
+            f"more than twice transformers' bf16 error {noise:.3f}: {tok.decode(got)!r} vs {tok.decode(want)!r}")
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """bench/gpu.sh at toy sizes on the CPU (--tiny), end to end: every part runs (the GPU tests skip without CUDA, the
 benchmarks at toy sizes), gpu.json records each part's status, the benchmark figures and the targets, and only
-gpu.json, gpu.log and pytest.log are written. A part that fails is recorded and makes the exit status 1. About 45 s
+gpu.json, gpu.log and pytest.log are written. A part that fails is recorded and makes the exit status 1. About 35 s
 on the 2-core development machine."""
 import json
 import os
