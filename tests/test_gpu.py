@@ -87,7 +87,8 @@ def test_smollm2_bf16_logits_as_close_to_fp32_as_transformers(smol):
                top1_agree_ours=(o.argmax(-1) == r.argmax(-1)).float().mean().item(),
                top1_agree_transformers=(h.argmax(-1) == r.argmax(-1)).float().mean().item())
         assert e_ours <= 1.5 * e_hf + 1e-3, f"{prompt!r}: ours {e_ours:.2e} vs transformers {e_hf:.2e} from fp32"
-        assert e_ours < 5e-2, f"{prompt!r}: bf16 logits {e_ours:.2e} from fp32 (relative): more than rounding"
+        # 2.6e-2 measured on the CPU: a tenth is no longer rounding, whatever transformers does
+        assert e_ours < 0.1, f"{prompt!r}: bf16 logits {e_ours:.2e} from fp32 (relative): more than rounding"
 
 
 @torch.no_grad()
