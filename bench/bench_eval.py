@@ -2,6 +2,8 @@
 
     python bench/bench_eval.py                  # openbookqa test, 200 questions, 5-shot, SmolLM2-135M-Instruct, CPU
     python bench/bench_eval.py --task arc_easy --n 100 --threads 1
+    python bench/bench_eval.py --device cuda --dtype bfloat16 --json obqa.json                 # on a GPU
+    python bench/bench_eval.py --device cuda --dtype bfloat16 --task gsm8k --n 100 --max-new-tokens 512
 
 The real 5-shot workload of one task: questions from DATA/<task>/test.jsonl (hub schema, e.g. ../shared/data),
 shots from its train.jsonl, prompts built and tokenized by evaluate.py. Ours: the shared 5-shot prefix computed once,
@@ -9,9 +11,11 @@ questions sorted by length, left-padded batches, finished rows dropped. transfor
 same token ids in the same sorted, left-padded batches with an attention mask, stop_strings=["\\nQ:"] and EOS (a
 batch runs until its last row stops). Each output is cut at its first EOS or "\\nQ:" as evaluate.py reads it; the
 script prints how many agree token for token, the wall time and generated tokens per second of both, and the ratio.
-transformers is only the yardstick here (requirements-dev.txt); the project itself never imports it.
+--dtype sets both models' weights (and ours' KV cache). transformers is only the yardstick here
+(requirements-dev.txt); the project itself never imports it. tests/test_gpu.py reuses load_prompts and run_ours.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,41 +28,21 @@ from data import convert, encode_prompts, load_tokenizer, read_jsonl  # noqa: E4
 from model import Transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--model", default=str(Path.home() / ".cache/msft-real/smollm2-135m-instruct"),
-                    help="checkpoint folder in hub layout (default: ../shared/tools/get-smollm2.sh's folder)")
-parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="DIR/<task>/{train,test}.jsonl")
-parser.add_argument("--task", default="openbookqa", help="a task with train and test rows in --data")
-parser.add_argument("--n", type=int, default=200, help="questions (the first n test rows)")
-parser.add_argument("--shots", type=int, default=5)
-parser.add_argument("--batch-size", type=int, default=32)
-parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for ' #### B' and the stop")
-parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-args = parser.parse_args()
-if args.n < 1 or args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
-    parser.error("--n, --batch-size and --max-new-tokens must be >= 1, --shots >= 0")
-for split in ("train", "test"):
-    if not (Path(args.data) / args.task / f"{split}.jsonl").is_file():
-        parser.error(f"--data/--task: no {Path(args.data) / args.task / f'{split}.jsonl'}")
-try:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-except ImportError:
-    sys.exit("this benchmark compares against transformers: pip install -r requirements-dev.txt")
-if args.threads:
-    torch.set_num_threads(args.threads)
 
-rows = {s: [convert(args.task, r) for r in read_jsonl(Path(args.data) / args.task / f"{s}.jsonl")]
-        for s in ("train", "test")}
-asked = rows["test"][:args.n]
-keys, texts = ev.few_shot_prompts(asked, rows["train"], args.shots, seed=20)
-tok, eos = load_tokenizer(args.model)
-ids = encode_prompts(tok, texts)
-ours_model = Transformer.from_pretrained(args.model).eval()
-hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-hf_tok = AutoTokenizer.from_pretrained(args.model)
+# -----------------------------------------------------------------------------
+# the evaluator's side: the only place in bench/ and tests/ that calls evaluate.py's functions (few_shot_prompts,
+# common_prefix_len, prefix_cache, greedy_decode, extract_answer, is_correct, STOP), so a change there is met here
 
 
-def cut(gen):
+def load_prompts(data, task: str, n: int, shots: int, tok):
+    """(questions, shot set of each, prompt token ids of each) for the first n test rows of DATA/<task>."""
+    rows = {s: [convert(task, r) for r in read_jsonl(Path(data) / task / f"{s}.jsonl")] for s in ("train", "test")}
+    asked = rows["test"][:n]
+    keys, texts = ev.few_shot_prompts(asked, rows["train"], shots, seed=20)
+    return asked, keys, encode_prompts(tok, texts)
+
+
+def cut(gen, tok, eos):
     """A continuation as evaluate.py reads it: up to its first EOS or stop string."""
     for k in range(len(gen)):
         if gen[k] == eos or ev.STOP in tok.decode(gen[:k + 1]):
@@ -66,61 +50,143 @@ def cut(gen):
     return gen
 
 
-def run_ours(qs):
+def run_ours(model, tok, eos, ids, keys, qs, *, max_new_tokens, batch_size):
+    """Our greedy continuations of questions qs (indices into ids), and the tokens run through the model."""
     out, tokens = {}, 0
     groups = {}  # questions after the same shots share a prefix, as in evaluate_task
     for q in qs:
         groups.setdefault(keys[q], []).append(q)
     for group in groups.values():
         P = ev.common_prefix_len([ids[q] for q in group])
-        base = ev.prefix_cache(ours_model, ids[group[0]][:P], max(len(ids[q]) for q in group) + args.max_new_tokens)
-        gens, t = ev.greedy_decode(ours_model, tok, eos, base, [ids[q][P:] for q in group],
-                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        base = ev.prefix_cache(model, ids[group[0]][:P], max(len(ids[q]) for q in group) + max_new_tokens)
+        gens, t = ev.greedy_decode(model, tok, eos, base, [ids[q][P:] for q in group],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
         out.update(zip(group, gens))
         tokens += P + t
     return [out[q] for q in qs], tokens
 
 
 @torch.no_grad()
-def run_hf(qs):
+def run_hf(model, hf_tok, tok, eos, ids, qs, *, max_new_tokens, batch_size):
+    """transformers' greedy continuations of questions qs, cut as ours are, and the tokens run through the model."""
     out, tokens = {}, 0
+    device = next(model.parameters()).device
     order = sorted(qs, key=lambda q: len(ids[q]))
-    for start in range(0, len(order), args.batch_size):
-        batch = order[start:start + args.batch_size]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         L = max(len(ids[q]) for q in batch)
         idx = torch.full((len(batch), L), eos, dtype=torch.long)
         mask = torch.zeros(len(batch), L, dtype=torch.long)
         for b, q in enumerate(batch):
             idx[b, L - len(ids[q]):] = torch.tensor(ids[q])
             mask[b, L - len(ids[q]):] = 1
-        gen = hf_model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                do_sample=False, stop_strings=[ev.STOP], tokenizer=hf_tok, eos_token_id=eos,
-                                pad_token_id=eos)[:, L:]
+        gen = model.generate(input_ids=idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, stop_strings=[ev.STOP], tokenizer=hf_tok, eos_token_id=eos,
+                             pad_token_id=eos)[:, L:]
         tokens += len(batch) * (L + gen.size(1))  # every row runs until the batch's last one stops
-        out.update((q, cut(g)) for q, g in zip(batch, gen.tolist()))
+        out.update((q, cut(g, tok, eos)) for q, g in zip(batch, gen.tolist()))
     return [out[q] for q in qs], tokens
 
 
-qs = list(range(len(asked)))
-run_ours(qs[:4]), run_hf(qs[:4])  # warm up both (allocator, kernels) on a few questions
-t0 = time.perf_counter()
-ours, ours_tokens = run_ours(qs)
-t_ours = time.perf_counter() - t0
-t0 = time.perf_counter()
-hf, hf_tokens = run_hf(qs)
-t_hf = time.perf_counter() - t0
+def accuracy(gens, asked, tok) -> float:
+    answers = [ev.extract_answer(tok.decode(g).split(ev.STOP)[0]) for g in gens]
+    return sum(ev.is_correct(a, ex.answer) for a, ex in zip(answers, asked)) / len(asked)
 
-same = sum(a == b for a, b in zip(ours, hf))
-answers = [ev.extract_answer(tok.decode(g).split(ev.STOP)[0]) for g in ours]
-acc = sum(ev.is_correct(a, ex.answer) for a, ex in zip(answers, asked)) / len(asked)
-generated = sum(map(len, ours))
-print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, batch {args.batch_size}, "
-      f"{torch.get_num_threads()} threads, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
-      f"{len(set(keys))} distinct shot sets, accuracy {acc:.3f}")
-print(f"same greedy output (token for token, cut at EOS/'\\nQ:'): {same}/{len(asked)}")
-print("| what | ours | transformers | ratio |")
-print("|---|---|---|---|")
-print(f"| wall time (s) | {t_ours:.1f} | {t_hf:.1f} | {t_hf / t_ours:.2f}x |")
-rate_ours, rate_hf = generated / t_ours, sum(map(len, hf)) / t_hf
-print(f"| generated tokens/s | {rate_ours:.1f} | {rate_hf:.1f} | {rate_ours / rate_hf:.2f}x |")
-print(f"| tokens run through the model | {ours_tokens} | {hf_tokens} | {hf_tokens / ours_tokens:.2f}x |")
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(Path.home() / ".cache/msft-real/smollm2-135m-instruct"),
+                        help="checkpoint folder in hub layout (default: ../shared/tools/get-smollm2.sh's folder)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="DIR/<task>/{train,test}.jsonl")
+    parser.add_argument("--task", default="openbookqa", help="a task with train and test rows in --data")
+    parser.add_argument("--n", type=int, default=200, help="questions (the first n test rows)")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for ' #### B' and the stop")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights of both models (and ours' KV cache)")
+    parser.add_argument("--json", help="also write the settings and the figures to this JSON file")
+    args = parser.parse_args()
+    if args.n < 1 or args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--n, --batch-size and --max-new-tokens must be >= 1, --shots >= 0")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible to torch")
+    for split in ("train", "test"):
+        if not (Path(args.data) / args.task / f"{split}.jsonl").is_file():
+            parser.error(f"--data/--task: no {Path(args.data) / args.task / f'{split}.jsonl'}")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (build it with ../shared/tools/get-smollm2.sh)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        sys.exit("this benchmark compares against transformers: pip install -r requirements-dev.txt")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype)
+
+    tok, eos = load_tokenizer(args.model)
+    asked, keys, ids = load_prompts(args.data, args.task, args.n, args.shots, tok)
+    ours_model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    hf_model.to(args.device).eval()
+    hf_tok = AutoTokenizer.from_pretrained(args.model)
+    how = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+    def timed(fn, qs):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gens, tokens = fn(qs)
+        if cuda:
+            torch.cuda.synchronize()
+        return gens, tokens, time.perf_counter() - t0
+
+    def ours_fn(qs):
+        return run_ours(ours_model, tok, eos, ids, keys, qs, **how)
+
+    def hf_fn(qs):
+        return run_hf(hf_model, hf_tok, tok, eos, ids, qs, **how)
+
+    qs = list(range(len(asked)))
+    ours_fn(qs[:4]), hf_fn(qs[:4])  # warm up both (allocator, kernels) on a few questions
+    ours, ours_tokens, t_ours = timed(ours_fn, qs)
+    hf, hf_tokens, t_hf = timed(hf_fn, qs)
+
+    same = sum(a == b for a, b in zip(ours, hf))
+    acc = accuracy(ours, asked, tok)
+    generated, generated_hf = sum(map(len, ours)), sum(map(len, hf))
+    rate_ours, rate_hf = generated / t_ours, generated_hf / t_hf
+    where = f"{args.dtype} on {args.device}" + (f" ({torch.cuda.get_device_name(args.device)})" if cuda else
+                                                f", {torch.get_num_threads()} threads")
+    print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, batch {args.batch_size}, {where}, prompts "
+          f"{min(map(len, ids))}-{max(map(len, ids))} tokens, {len(set(keys))} distinct shot sets, at most "
+          f"{args.max_new_tokens} new tokens, accuracy {acc:.3f}")
+    print(f"same greedy output (token for token, cut at EOS/'\\nQ:'): {same}/{len(asked)}")
+    print("| what | ours | transformers | ratio |")
+    print("|---|---|---|---|")
+    print(f"| wall time (s) | {t_ours:.1f} | {t_hf:.1f} | {t_hf / t_ours:.2f}x |")
+    print(f"| generated tokens/s | {rate_ours:.1f} | {rate_hf:.1f} | {rate_ours / rate_hf:.2f}x |")
+    print(f"| tokens run through the model | {ours_tokens} | {hf_tokens} | {hf_tokens / ours_tokens:.2f}x |")
+    if args.json:
+        report = {"task": args.task, "n": len(asked), "shots": args.shots, "batch_size": args.batch_size,
+                  "max_new_tokens": args.max_new_tokens, "device": args.device, "dtype": args.dtype,
+                  "device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu", "same_output": same,
+                  "accuracy_ours": acc, "accuracy_transformers": accuracy(hf, asked, tok),
+                  "wall_s_ours": t_ours, "wall_s_transformers": t_hf, "speedup": t_hf / t_ours,
+                  "generated_tokens_ours": generated, "generated_tokens_transformers": generated_hf,
+                  "generated_tokens_per_s_ours": rate_ours, "generated_tokens_per_s_transformers": rate_hf,
+                  "tokens_through_model_ours": ours_tokens, "tokens_through_model_transformers": hf_tokens,
+                  "torch": torch.__version__}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

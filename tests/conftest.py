@@ -14,10 +14,12 @@ SMOLLM2_TOOL = SHARED / "tools" / "get-smollm2.sh"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data: real benchmark rows in the hub's schema (never copied into the repo)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real benchmark rows not found at {SHARED_DATA} (a checkout without ../shared)")
-    return SHARED_DATA
+    """../shared/data, or MSFT_SHARED_DATA (a machine without ../shared): real benchmark rows in the hub's schema
+    (never copied into the repo)."""
+    folder = Path(os.environ.get("MSFT_SHARED_DATA") or SHARED_DATA)
+    if not folder.is_dir():
+        pytest.skip(f"real benchmark rows not found at {folder} (a checkout without ../shared; set MSFT_SHARED_DATA)")
+    return folder
 
 
 @pytest.fixture(scope="session")
