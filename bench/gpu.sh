@@ -9,12 +9,14 @@
 # Parts, in order; one that fails or runs past its cap is recorded and the next one runs; the exit status is 1 if
 # any failed:
 #   tests      pytest -m gpu tests/test_gpu.py (SmolLM2 bf16 vs transformers, compiled vs eager training, train.py
-#              for 2 steps on the demo and on SmolLM2, the evaluator on CUDA vs the CPU); cap 210 s
+#              for 2 steps on the demo and on SmolLM2, the evaluator on CUDA vs the CPU); cap 180 s
 #   train_mfu  bench/bench_model.py: Qwen2.5-0.5B shape, random weights, bf16 autocast over fp32 weights, 512-token
-#              rows, the batch sized to the GPU, ours vs transformers (sdpa), eager and compiled; cap 210 s
+#              rows, the batch sized to the GPU, ours vs transformers (sdpa), eager and compiled; cap 170 s
+#   memory     bench/memory.py --measure: peak memory of a Qwen2.5-0.5B-shaped training step at world 1, plain
+#              and FSDP, with and without activation checkpointing, beside the table's estimate; cap 70 s
 #   eval       bench/bench_eval.py: SmolLM2 bf16, ours vs transformers generate, openbookqa 200 questions 5-shot
-#              (cap 60 s) and gsm8k 64 questions at 512 new tokens (cap 90 s)
-# The caps add up to 570 s, inside a 10-minute limit on one command; MSFT_GPU_CAP_PERCENT=200 doubles them (for a
+#              (cap 60 s) and gsm8k 64 questions at 512 new tokens (cap 80 s)
+# The caps add up to 560 s, inside a 10-minute limit on one command; MSFT_GPU_CAP_PERCENT=200 doubles them (for a
 # part re-run alone with --only). Inputs: MSFT_SMOLLM2 (default ~/.cache/msft-real/smollm2-135m-instruct, from
 # bench/smollm2_unpack.sh), MSFT_SHARED_DATA (default .gpu/part-b/data, else ../shared/data), PYTHON (default python3).
 set -uo pipefail
@@ -32,8 +34,8 @@ while [ $# -gt 0 ]; do
 done
 for p in ${only//,/ }; do
   case $p in
-    tests|train_mfu|eval) ;;
-    *) echo "bench/gpu.sh: --only $p: expected tests, train_mfu or eval" >&2; exit 2 ;;
+    tests|train_mfu|memory|eval) ;;
+    *) echo "bench/gpu.sh: --only $p: expected tests, train_mfu, memory or eval" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -163,7 +165,7 @@ merge
 
 if want tests; then
   : > "$out/pytest.log"
-  MSFT_GPU_RECORD=$work/record.jsonl part tests 210 "$out/pytest.log" \
+  MSFT_GPU_RECORD=$work/record.jsonl part tests 180 "$out/pytest.log" \
     "$python" -m pytest -m gpu tests/test_gpu.py -v -rA -p no:cacheprovider --junitxml="$work/junit.xml"
 fi
 
@@ -172,8 +174,16 @@ if want train_mfu; then
     part train_mfu 120 "$log" "$python" bench/bench_model.py --shape tiny --device cpu --dtype bfloat16 \
       --batch-size 2 --seq-len 32 --warmup 1 --steps 1 --no-compile --train-only --json "$work/train_mfu.json"
   else
-    part train_mfu 210 "$log" "$python" bench/bench_model.py --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
+    part train_mfu 170 "$log" "$python" bench/bench_model.py --shape qwen2.5-0.5b --device cuda --dtype bfloat16 \
       --batch-size auto --seq-len 512 --warmup 2 --steps 5 --train-only --json "$work/train_mfu.json"
+  fi
+fi
+
+if want memory; then
+  if [ "$tiny" = 1 ]; then
+    skip memory "measuring needs CUDA; the table itself is tested on the CPU (tests/test_memory.py)"
+  else
+    part memory 70 "$log" "$python" bench/memory.py --measure --json "$work/memory.json"
   fi
 fi
 
@@ -186,7 +196,7 @@ if want eval; then
   else
     part eval_openbookqa 60 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --n 200 \
       --batch-size 32 --device cuda --dtype bfloat16 --json "$work/eval_openbookqa.json"
-    part eval_gsm8k 90 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --task gsm8k \
+    part eval_gsm8k 80 "$log" "$python" bench/bench_eval.py --model "$smollm2" --data "$data" --task gsm8k \
       --n 64 --batch-size 32 --max-new-tokens 512 --device cuda --dtype bfloat16 --json "$work/eval_gsm8k.json"
   fi
 fi

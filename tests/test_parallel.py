@@ -6,7 +6,6 @@ only its own shard of every roll-back snapshot."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ def launch(out, demo, nproc, *extra, method="msft"):
     # "--" before the script: torchrun would read our --signal as an abbreviation of its --signals-to-handle
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--",
            str(REPO / "train.py"), "--method", method, "--model", str(demo / "model"), "--data", str(demo),
-           "--out", str(out), *SMALL, *extra]
+           "--out", str(out), "--keep-state", *SMALL, *extra]
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -104,7 +103,9 @@ def test_fsdp_kill_at_a_random_evaluation_then_resume(tmp_path, demo, runs):
     log = tmp_path / "run" / "log.jsonl"
     while p.poll() is None and (not log.exists() or log.read_text().count('"event": "eval"') < k):
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks at once, as a machine that goes down
+    # torchrun and both ranks at once, as a machine that goes down (torchrun starts its workers in sessions of their
+    # own: kill every process that writes this folder)
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "run")])
     p.communicate()
     finish(launch(tmp_path / "run", demo, 2, "--fsdp", "--resume"))
     a, b = read_log(runs / "fsdp"), read_log(tmp_path / "run")
