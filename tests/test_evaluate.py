@@ -57,7 +57,8 @@ def synthetic(seed, n, rationale=False):
     for _ in range(n):
         q = words(rng, rng.randint(2, 9)) + "?"
         if rationale:
-            out.append(Example(q, str(rng.randint(0, 99)), None, words(rng, rng.randint(1, 5)) + "."))
+            a = str(rng.randint(0, 99))
+            out.append(Example(q, a, None, words(rng, rng.randint(1, 5)) + f". #### {a}"))
         else:
             k = rng.randint(2, 4)
             out.append(Example(q, "ABCD"[rng.randrange(k)], tuple(words(rng, 2) for _ in range(k))))
