@@ -6,9 +6,10 @@
 The real 5-shot workload of one task: questions from DATA/<task>/test.jsonl (hub schema, e.g. ../shared/data),
 shots from its train.jsonl, prompts built and tokenized by evaluate.py. Ours: the shared 5-shot prefix computed once,
 questions sorted by length, left-padded batches, finished rows dropped. transformers: model.generate, greedy, the
-same token ids in the same sorted, left-padded batches with an attention mask, stop_strings=["\\nQ:"] and EOS (a
-batch runs until its last row stops). Each output is cut at its first EOS or "\\nQ:" as evaluate.py reads it; the
-script prints how many agree token for token, the wall time and generated tokens per second of both, and the ratio.
+same token ids in the same sorted, left-padded batches with an attention mask, EOS and a stopping criterion that
+ends a row once its first "####" line has ended (a batch runs until its last row stops). Each output is cut where
+evaluate.py stops (its first EOS, or where that line ends); the script prints how many agree token for token, the
+wall time and generated tokens per second of both, and the ratio.
 transformers is only the yardstick here (requirements-dev.txt); the project itself never imports it.
 """
 import argparse
@@ -32,7 +33,7 @@ parser.add_argument("--task", default="openbookqa", help="a task with train and 
 parser.add_argument("--n", type=int, default=200, help="questions (the first n test rows)")
 parser.add_argument("--shots", type=int, default=5)
 parser.add_argument("--batch-size", type=int, default=32)
-parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for ' #### B' and the stop")
+parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for '#### B.' and its line end")
 parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
 args = parser.parse_args()
 if args.n < 1 or args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
@@ -41,7 +42,7 @@ for split in ("train", "test"):
     if not (Path(args.data) / args.task / f"{split}.jsonl").is_file():
         parser.error(f"--data/--task: no {Path(args.data) / args.task / f'{split}.jsonl'}")
 try:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, StoppingCriteria
 except ImportError:
     sys.exit("this benchmark compares against transformers: pip install -r requirements-dev.txt")
 if args.threads:
@@ -52,18 +53,27 @@ rows = {s: [convert(args.task, r) for r in read_jsonl(Path(args.data) / args.tas
 asked = rows["test"][:args.n]
 keys, texts = ev.few_shot_prompts(asked, rows["train"], args.shots, seed=20)
 tok, eos = load_tokenizer(args.model)
-ids = encode_prompts(tok, texts)
+ids = encode_prompts(tok, [t + ev.PROMPT_ENDS["release"] for t in texts])
 ours_model = Transformer.from_pretrained(args.model).eval()
 hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-hf_tok = AutoTokenizer.from_pretrained(args.model)
 
 
 def cut(gen):
-    """A continuation as evaluate.py reads it: up to its first EOS or stop string."""
+    """A continuation where evaluate.py stops it: its first EOS, or the end of its first "####" line."""
     for k in range(len(gen)):
-        if gen[k] == eos or ev.STOP in tok.decode(gen[:k + 1]):
+        if gen[k] == eos or ev.answer_complete(tok.decode(gen[:k + 1])):
             return gen[:k + 1]
     return gen
+
+
+class AnswerLineEnded(StoppingCriteria):
+    """Per row: has the text generated after the first L tokens ended its first "####" line?"""
+
+    def __init__(self, L):
+        self.L = L
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor([ev.answer_complete(tok.decode(row[self.L:])) for row in input_ids.tolist()])
 
 
 def run_ours(qs):
@@ -94,7 +104,7 @@ def run_hf(qs):
             idx[b, L - len(ids[q]):] = torch.tensor(ids[q])
             mask[b, L - len(ids[q]):] = 1
         gen = hf_model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                do_sample=False, stop_strings=[ev.STOP], tokenizer=hf_tok, eos_token_id=eos,
+                                do_sample=False, stopping_criteria=[AnswerLineEnded(L)], eos_token_id=eos,
                                 pad_token_id=eos)[:, L:]
         tokens += len(batch) * (L + gen.size(1))  # every row runs until the batch's last one stops
         out.update((q, cut(g)) for q, g in zip(batch, gen.tolist()))
@@ -111,13 +121,13 @@ hf, hf_tokens = run_hf(qs)
 t_hf = time.perf_counter() - t0
 
 same = sum(a == b for a, b in zip(ours, hf))
-answers = [ev.extract_answer(tok.decode(g).split(ev.STOP)[0]) for g in ours]
+answers = [ev.extract_answer(tok.decode(g)) for g in ours]
 acc = sum(ev.is_correct(a, ex.answer) for a, ex in zip(answers, asked)) / len(asked)
 generated = sum(map(len, ours))
 print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, batch {args.batch_size}, "
       f"{torch.get_num_threads()} threads, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
       f"{len(set(keys))} distinct shot sets, accuracy {acc:.3f}")
-print(f"same greedy output (token for token, cut at EOS/'\\nQ:'): {same}/{len(asked)}")
+print(f"same greedy output (token for token, cut where evaluate.py stops): {same}/{len(asked)}")
 print("| what | ours | transformers | ratio |")
 print("|---|---|---|---|")
 print(f"| wall time (s) | {t_ours:.1f} | {t_hf:.1f} | {t_hf / t_ours:.2f}x |")
