@@ -190,8 +190,8 @@ def greedy_decode(model, tok, eos_id: int, base: KVCache, suffixes: list[list[in
             if len(keep) < len(live):
                 # drop finished rows from the batch so later steps only pay for live ones
                 sel = torch.tensor(keep, device=h.device)
-                cache.k = [k[sel] for k in cache.k]
-                cache.v = [v[sel] for v in cache.v]
+                for layer in range(len(cache.k)):  # a layer at a time: never two copies of the whole cache
+                    cache.k[layer], cache.v[layer] = cache.k[layer][sel], cache.v[layer][sel]
                 cache.valid = cache.valid[sel]
                 live, nxt, pos = [live[r] for r in keep], nxt[sel], pos[sel]
             h = model(nxt[:, None], cache=cache, pos=pos[:, None], hidden=True)
