@@ -12,12 +12,23 @@ Then selection, then train, are cut from the (shuffled) pool. A task with fewer 
 train split, with a warning and a `short` note in the manifest; one that cannot fill every split is an error.
 The hub test splits of commonsense_qa, hellaswag, winogrande and medmcqa carry no labels and are skipped.
 
-Training text (the official code's format): prompt `Q: {question}\noptions: A. x, B. y\nA:` and target ` #### B`,
-or ` {rationale} #### {answer}` for rationale tasks; the loss is on the target and EOS only. Over-long examples
-(prompt + target + EOS > max_len tokens) are dropped from training and counted, never truncated.
+Training text (the release's, SPEC section 9): `Q: {question}\nA: #### {answer}<eos>`, or for a worked answer
+`Q: {question}\nA: {rationale}<eos>` where the rationale ends `#### {answer}`; the prompt is everything up to "A:",
+the loss is on the rest (from the " ####" or rationale's first token) and EOS. A question with choices reads
+`{question}\noptions: A. x, B. y, ...`. Over-long examples (prompt + target + EOS > max_len tokens) are dropped
+from training and counted, never truncated.
+
+Each converter writes its task the way the release's demonstrations show it, into the plain row schema (question,
+answer, choices, rationale) that a mixture folder holds and users' own tasks use:
+- commonsense_qa, openbookqa, arc_easy, medmcqa, aqua_rat: the question and its lettered choices, answer a letter;
+- hellaswag: the context and each ending in double quotes; winogrande: each option followed by a space (the release
+  writes `A. {option1} , B. {option2} `);
+- aqua_rat: rationale = the dataset's rationale + ` #### {letter}`; gsm8k: the question alone, rationale = the
+  dataset's answer field as it is (`...\n#### 1,080`), answer = the number as written after "####";
+- sciq: the question alone, answer the correct text (no choices); boolq: the passage, then the question with a "?",
+  answer `True` or `False`.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -59,7 +70,7 @@ class Example:
     question: str
     answer: str                              # a choice letter when there are choices, else the answer text
     choices: tuple[str, ...] | None = None
-    rationale: str | None = None
+    rationale: str | None = None             # a worked answer, written as trained: ends "#### {answer}"
 
     def __post_init__(self):
         # every converter, reader and test builds examples through here, so bad rows fail in one place
@@ -69,6 +80,11 @@ class Example:
             raise ValueError(f"answer must be a non-empty string, got {self.answer!r}")
         if self.rationale is not None and (not isinstance(self.rationale, str) or not self.rationale.strip()):
             raise ValueError(f"rationale must be a non-empty string or absent, got {self.rationale!r}")
+        # evaluation reads the answer after the first "####": the trained text must put the gold there
+        if self.rationale is not None and (self.rationale.count("####") != 1
+                                           or not self.rationale.endswith(f"#### {self.answer}")):
+            raise ValueError(f"rationale must end with '#### {self.answer}' (the answer) and hold no other '####', "
+                             f"got ...{self.rationale[-60:]!r}")
         if self.choices is not None:
             if (not isinstance(self.choices, tuple) or not 2 <= len(self.choices) <= len(LETTERS)
                     or not all(isinstance(c, str) and c.strip() for c in self.choices)):
@@ -86,7 +102,7 @@ def format_prompt(ex: Example) -> str:
 
 
 def format_target(ex: Example) -> str:
-    return f" {ex.rationale} #### {ex.answer}" if ex.rationale is not None else f" #### {ex.answer}"
+    return f" {ex.rationale}" if ex.rationale is not None else f" #### {ex.answer}"
 
 
 # -----------------------------------------------------------------------------
@@ -132,22 +148,19 @@ def _aqua_rat(row):
         if not option.startswith(f"{LETTERS[i]})"):
             raise ValueError(f"option {i} {option!r} does not start with '{LETTERS[i]})'")
         choices.append(option[2:].strip())
-    return Example(row["question"], row["correct"], tuple(choices), row["rationale"].strip())
+    return Example(row["question"], row["correct"], tuple(choices), f"{row['rationale'].strip()} #### {row['correct']}")
 
 
 def _gsm8k(row):
-    if "####" not in row["answer"]:
-        raise ValueError(f"answer has no '#### N' line: {row['answer'][-80:]!r}")
-    rationale, answer = row["answer"].rsplit("####", 1)
-    # some answers carry thousands commas (1,080): train on the plain number so it parses as one
-    return Example(row["question"], answer.strip().replace(",", ""), None, rationale.strip())
+    # trained on the answer field as it is, <<...>> annotations and "1,080" commas included; the gold is that number
+    if row["answer"].count("####") != 1:
+        raise ValueError(f"answer must hold one '#### N' line: {row['answer'][-80:]!r}")
+    return Example(row["question"], row["answer"].split("####")[1].strip(), None, row["answer"])
 
 
 def _sciq(row):
-    choices = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
-    # a per-question seed (not python's salted hash) so the correct letter varies yet never changes between runs
-    random.Random(hashlib.sha256(row["question"].encode()).hexdigest()).shuffle(choices)
-    return Example(row["question"], LETTERS[choices.index(row["correct_answer"])], tuple(choices))
+    # the release asks sciq as an open question: no options, the correct answer's text
+    return Example(row["question"], row["correct_answer"])
 
 
 def _position(label, n, first=0):
@@ -160,11 +173,14 @@ def _position(label, n, first=0):
 
 
 def _hellaswag(row):
-    return Example(row["ctx"], _position(row["label"], len(row["endings"])), tuple(row["endings"]))
+    # the release quotes the context and every ending: '"{ctx}"\noptions: A. "{e0}", B. "{e1}", ...'
+    return Example(f'"{row["ctx"]}"', _position(row["label"], len(row["endings"])),
+                   tuple(f'"{e}"' for e in row["endings"]))
 
 
 def _winogrande(row):
-    return Example(row["sentence"], _position(row["answer"], 2, first=1), (row["option1"], row["option2"]))
+    # the release writes "A. {option1} , B. {option2} ": a space after each option
+    return Example(row["sentence"], _position(row["answer"], 2, first=1), (f"{row['option1']} ", f"{row['option2']} "))
 
 
 def _medmcqa(row):
@@ -174,7 +190,7 @@ def _medmcqa(row):
 def _boolq(row):
     if not isinstance(row["answer"], bool):
         raise ValueError(f"answer must be true/false, got {row['answer']!r}")
-    return Example(f"{row['passage']}\n{row['question']}?", "yes" if row["answer"] else "no")
+    return Example(f"{row['passage']}\n{row['question']}?", str(row["answer"]))
 
 
 CONVERTERS = {

@@ -1,21 +1,35 @@
-"""Few-shot greedy evaluation: per-task accuracy and gold-target loss, batched, with a shared-prefix KV cache.
+"""Few-shot greedy evaluation as the authors' release does it (SPEC section 9): per-task accuracy, batched, with a
+shared-prefix KV cache; optionally the gold-target loss.
 
     python data.py prepare --source ../shared/data --out mix        # once: a mixture folder
-    python evaluate.py --model /root/.cache/msft-real/smollm2-135m-instruct --data mix --split test --limit 200
+    python evaluate.py --model /root/.cache/msft-real/smollm2-135m-instruct --data mix --split test --limit 100 \\
+        --out runs/eval-base                                       # + --prompt-end consistent, --demos FILE
 
-Every question of a task is asked after the same `shots` worked examples from the training split (fixed by the seed;
-a question that is itself one of them gets other shots), so the keys/values of that shared prefix are computed once
-and copied into every batch; only each question's own tokens are run, left-padded, then decoded greedily until
-"\\nQ:", EOS or --max-new-tokens. The answer is read after "####" (SPEC section 7). The loss signal is the mean token
-cross-entropy of the gold target after the same prompt: one teacher-forced forward, no generation.
+Every question of a task is asked after the same 5 demonstrations, each "Q: {question}\\nA: #### B.\\n" (a worked
+answer, as trained, for rationale tasks), joined with no blank line, then "Q: {question}\\nA: " with the release's
+trailing space. Ours are drawn once from the task's training split by --seed (a question that is itself one of them
+gets others); --demos FILE gives the release's hand-picked ones instead. Training wrote "A: #### B", which a BPE
+tokenizer splits as "A:" + " ####": the release's prompt asks for a first token ("####" after " ") that training
+never produced. --prompt-end consistent ends the prompt at "A:", so the first token asked for is the trained one.
+
+The keys/values of the shared demonstrations are computed once and copied into every batch; only each question's
+own tokens are run, left-padded, then decoded greedily until EOS or --max-new-tokens (512). Only the first "####"
+line is read, so a row stops once that line has ended: its answer is then the one running to the cap would give.
+The answer: the text after the first "####" up to the end of its line, stripped, trailing periods removed (the whole
+output stripped when there is no "####"); compared as floats when both parse, else as lowercased strings.
+The loss (--signal loss, or --gold-loss besides accuracy) is the mean token cross-entropy of the gold training
+target after the question's training prompt ("...A:"): one teacher-forced forward, no generation.
 Under torchrun, rank r takes every W-th question and the counts are summed, so any W gives the same numbers.
+--out DIR writes DIR/results.json (the arguments and the per-task table) and DIR/predictions.jsonl (a line a question).
 """
 import argparse
 import json
+import math
 import os
 import random
-import re
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,42 +39,55 @@ import torch.nn.functional as F
 from data import encode_prompts, format_prompt, format_target, load_mixture, load_tokenizer
 from model import KVCache, Transformer, resolve_checkpoint
 
-STOP = "\nQ:"  # a continuation that starts the next question is over
+MARK = "####"  # the answer follows it
+PROMPT_ENDS = {"release": " ", "consistent": ""}  # what follows the asked question's "A:"
 
 # -----------------------------------------------------------------------------
 # answers
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer written after the first "####", up to the end of its line (None when there is none)."""
-    if "####" not in text:
-        return None
-    answer = text.split("####")[1].split("\n")[0].strip()
-    return answer or None
+def extract_answer(text: str) -> str:
+    """The release's reading: the text after the first "####" up to the end of its line, stripped, trailing periods
+    removed; with no "####", the whole text stripped."""
+    if MARK not in text:
+        return text.strip()
+    return text.split(MARK, 1)[1].split("\n", 1)[0].strip().rstrip(".")
 
 
-def normalize(s: str) -> str | float:
-    """A number when the string parses as one ("$1,000." -> 1000.0), else the lowercased stripped string."""
-    s = s.strip().lower().removesuffix(".").strip()
-    num = s.replace(",", "").removeprefix("$")
-    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", num):
-        return float(num)
-    return s
+def is_correct(pred: str, gold: str) -> bool:
+    """As numbers when both parse as Python floats ("18." is 18; "1,000" and "$5" do not parse), else as lowercased
+    strings."""
+    try:
+        return float(pred) == float(gold)
+    except ValueError:
+        return pred.lower() == gold.lower()
 
 
-def is_correct(pred: str | None, gold: str) -> bool:
-    # a number never equals a string: "1.0" vs "one" is wrong, "1,000" vs "1000.0" is right
-    return pred is not None and normalize(pred) == normalize(gold)
+def answer_complete(text: str) -> bool:
+    """Whether the first "####" line has ended: nothing written after it can change extract_answer(text)."""
+    return MARK in text and "\n" in text.split(MARK, 1)[1]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials (unlike p +- z·se, sound at 0 and n)."""
+    p, zz = k / n, z * z / n
+    mid = (p + zz / 2) / (1 + zz)
+    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n)) / (1 + zz)
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 # -----------------------------------------------------------------------------
 # prompts
 
 
-def few_shot_prompts(examples, train, shots: int, seed: int) -> tuple[list[tuple[int, ...]], list[str]]:
-    """For each example: the indices of its shots in train and its prompt text. The shots are the first `shots`
-    of one seeded shuffle of train, skipping any whose question is the one asked (by content, not index), so all
-    questions but those few share one prefix."""
+def few_shot_prompts(examples, train, shots: int, seed: int, demos=None) -> tuple[list[tuple[int, ...]], list[str]]:
+    """For each example: the indices of its demonstrations in train, and its prompt up to the asked question's "A:"
+    (the training prompt; generation appends PROMPT_ENDS). The demonstrations are the first `shots` of one seeded
+    shuffle of train, skipping any whose question is the one asked (by content, not index), so all questions but
+    those few share one prefix. demos [(question, answer)]: shown as given before every question instead (key ())."""
+    if demos is not None:
+        prefix = "".join(f"Q: {q}\nA: {a}\n" for q, a in demos)
+        return [()] * len(examples), [prefix + format_prompt(ex) for ex in examples]
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     keys, texts = [], []
@@ -74,10 +101,12 @@ def few_shot_prompts(examples, train, shots: int, seed: int) -> tuple[list[tuple
         if len(picked) < shots:
             raise ValueError(f"only {len(picked)} training examples differ from question {ex.question[:60]!r}; "
                              f"--shots {shots} needs more")
-        # official format: "{prompt}{target}" blocks separated by a blank line, then the asked prompt ending "A:"
-        blocks = [format_prompt(train[i]) + format_target(train[i]) for i in picked]
+        # the release's demonstrations: "Q: ...\nA: #### B.\n", a period after a plain answer, a worked answer as
+        # trained; no blank line between them
+        shown = [format_prompt(train[i]) + format_target(train[i]) + ("." if train[i].rationale is None else "")
+                 for i in picked]
         keys.append(tuple(picked))
-        texts.append("\n\n".join(blocks + [format_prompt(ex)]))
+        texts.append("".join(s + "\n" for s in shown) + format_prompt(ex))
     return keys, texts
 
 
@@ -104,14 +133,14 @@ def prefix_cache(model, prefix: list[int], max_len: int) -> KVCache:
     p = next(model.parameters())
     cache = KVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
     if prefix:
-        model(torch.tensor([prefix], device=p.device), cache=cache)
+        model(torch.tensor([prefix], device=p.device), cache=cache, hidden=True)  # no position's logits are read
     return cache
 
 
 def run_left_padded(model, base: KVCache, rows: list[list[int]], room: int = 0):
     """Run rows of different lengths after the prefix in base: [prefix][pads][row], each row's positions
-    continuing from the prefix. Returns logits (B, L, V) and the batch's cache (positioned after the rows, with
-    `room` free slots left for generation)."""
+    continuing from the prefix. Returns the final hidden states (B, L, dim), for the caller to take the logits of
+    the positions it reads, and the batch's cache (positioned after the rows, with `room` free slots left)."""
     B, L, P = len(rows), max(len(r) for r in rows), base.len
     if P + L + room > base.valid.size(1):
         raise ValueError(f"the prefix cache has {base.valid.size(1)} slots; {P} prefix + {L} prompt + {room} new "
@@ -125,49 +154,56 @@ def run_left_padded(model, base: KVCache, rows: list[list[int]], room: int = 0):
         pos[b, L - len(r):] = torch.arange(P, P + len(r))
     dev = base.valid.device
     cache = base.repeat(B)
-    logits = model(idx.to(dev), cache=cache, pos=pos.to(dev), mask=mask.to(dev))
-    return logits, cache
+    h = model(idx.to(dev), cache=cache, pos=pos.to(dev), mask=mask.to(dev), hidden=True)
+    return h, cache
 
 
 @torch.no_grad()
 def greedy_decode(model, tok, eos_id: int, base: KVCache, suffixes: list[list[int]], *, max_new_tokens: int,
-                  batch_size: int, stop: str = STOP) -> tuple[list[list[int]], int]:
-    """Greedy continuations of the prefix in base + each suffix, each ending at (and including) the token that
-    produced EOS, the stop string, or max_new_tokens. Returns them in input order, and the tokens processed
-    (prompts with their padding, generated tokens; not the prefix)."""
+                  batch_size: int, early_stop: bool = True, on_batch=None) -> tuple[list[list[int]], int]:
+    """Greedy continuations of the prefix in base + each suffix, each ending at (and including) EOS, the
+    max_new_tokens-th token or, with early_stop, the token that ends the first "####" line. Returns them in input
+    order, and the tokens processed (prompts with their padding, generated tokens; not the prefix).
+    on_batch(k) is called after each batch with its k rows."""
     tokens = 0
     gens = [[] for _ in suffixes]
     # similar lengths together waste little padding
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     for start in range(0, len(order), batch_size):
         live = order[start:start + batch_size]  # question of each cache row
-        logits, cache = run_left_padded(model, base, [suffixes[i] for i in live], room=max_new_tokens)
-        tokens += logits.size(0) * logits.size(1)
-        pos = torch.tensor([base.len + len(suffixes[i]) for i in live], device=logits.device)
+        h, cache = run_left_padded(model, base, [suffixes[i] for i in live], room=max_new_tokens)
+        tokens += h.size(0) * h.size(1)
+        pos = torch.tensor([base.len + len(suffixes[i]) for i in live], device=h.device)
         while True:
-            nxt = logits[:, -1].argmax(-1)  # (B,)
+            nxt = model.lm_head(h[:, -1]).argmax(-1)  # (B,): the last position's logits are the only ones read
             keep = []
             for row, (i, t) in enumerate(zip(live, nxt.tolist())):
                 gens[i].append(t)
-                if t != eos_id and len(gens[i]) < max_new_tokens and stop not in tok.decode(gens[i]):
+                # a line ends only with a token that writes "\n", so the whole text is decoded once per line, not
+                # once per token (decoding it every step made long rows quadratic)
+                done = (t == eos_id or len(gens[i]) == max_new_tokens
+                        or early_stop and "\n" in tok.decode([t]) and answer_complete(tok.decode(gens[i])))
+                if not done:
                     keep.append(row)
             if not keep:
                 break
             if len(keep) < len(live):
                 # drop finished rows from the batch so later steps only pay for live ones
-                sel = torch.tensor(keep, device=logits.device)
-                cache.k = [k[sel] for k in cache.k]
-                cache.v = [v[sel] for v in cache.v]
+                sel = torch.tensor(keep, device=h.device)
+                for layer in range(len(cache.k)):  # a layer at a time: never two copies of the whole cache
+                    cache.k[layer], cache.v[layer] = cache.k[layer][sel], cache.v[layer][sel]
                 cache.valid = cache.valid[sel]
                 live, nxt, pos = [live[r] for r in keep], nxt[sel], pos[sel]
-            logits = model(nxt[:, None], cache=cache, pos=pos[:, None])
+            h = model(nxt[:, None], cache=cache, pos=pos[:, None], hidden=True)
             pos = pos + 1
+        if on_batch:
+            on_batch(len(order[start:start + batch_size]))
     return gens, tokens + sum(len(g) for g in gens)
 
 
 @torch.no_grad()
-def gold_loss(model, base: KVCache, suffixes: list[list[int]], targets: list[list[int]], *,
-              batch_size: int) -> tuple[list[float], int]:
+def gold_nll(model, base: KVCache, suffixes: list[list[int]], targets: list[list[int]], *,
+             batch_size: int) -> tuple[list[float], int]:
     """Summed cross-entropy of each target's tokens after the prefix in base + its suffix (teacher forced), and
     the tokens processed (suffix + target rows with their padding; not the prefix)."""
     lengths = [len(s) + len(t) for s, t in zip(suffixes, targets)]
@@ -176,14 +212,15 @@ def gold_loss(model, base: KVCache, suffixes: list[list[int]], targets: list[lis
     order = sorted(range(len(suffixes)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        logits, _ = run_left_padded(model, base, [suffixes[i] + targets[i] for i in batch])
-        B, L, _ = logits.shape
+        h, _ = run_left_padded(model, base, [suffixes[i] + targets[i] for i in batch])
+        B, L, _ = h.shape
         tokens += B * L
         for b, i in enumerate(batch):
-            # rows are right-aligned: the target is the last n tokens, each predicted one position earlier
+            # rows are right-aligned: the target is the last n tokens, each predicted one position earlier; only
+            # those positions' logits, one row at a time
             n = len(targets[i])
-            gold = torch.tensor(targets[i], device=logits.device)
-            nll[i] = F.cross_entropy(logits[b, L - 1 - n:L - 1], gold, reduction="sum").item()
+            logits = model.lm_head(h[b, L - 1 - n:L - 1]).float()  # (n, vocab)
+            nll[i] = F.cross_entropy(logits, torch.tensor(targets[i], device=h.device), reduction="sum").item()
     return nll, tokens
 
 
@@ -191,49 +228,69 @@ def gold_loss(model, base: KVCache, suffixes: list[list[int]], targets: list[lis
 # evaluation
 
 
-def evaluate_task(model, tok, eos_id: int, examples, train, *, shots: int = 5, seed: int = 20,
-                  batch_size: int = 32, max_new_tokens: int = 256, signal: str = "acc", rank: int = 0,
-                  world: int = 1) -> dict:
-    """One rank's share of one task (questions rank, rank+world, ...): counts to be summed over ranks.
-    Returns {"correct", "n", "nll", "target_tokens", "tokens"}; "correct" stays 0 with signal "loss"."""
-    keys, texts = few_shot_prompts(examples, train, shots, seed)
-    groups = {}  # questions asked after the same shots share their prefix
+def evaluate_task(model, tok, eos_id: int, examples, train, *, shots: int = 5, seed: int = 20, demos=None,
+                  prompt_end: str = "release", batch_size: int = 32, max_new_tokens: int = 512,
+                  signal: str = "acc", gold_loss: bool = False, rank: int = 0, world: int = 1,
+                  on_batch=None) -> dict:
+    """One rank's share of one task (questions rank, rank+world, ...): {"n", "nll", "target_tokens", "tokens",
+    "paper_tokens"}, counts to be summed over ranks, and "records", one per question generated (signal "acc")."""
+    keys, texts = few_shot_prompts(examples, train, shots, seed, demos)
+    loss = signal == "loss" or gold_loss
+    groups = {}  # questions asked after the same demonstrations share their prefix
     for q in range(rank, len(examples), world):
         groups.setdefault(keys[q], []).append(q)
-    out = {"correct": 0, "n": 0, "nll": 0.0, "target_tokens": 0, "tokens": 0}
+    out = {"n": 0, "nll": 0.0, "target_tokens": 0, "tokens": 0, "paper_tokens": 0, "records": []}
     for qs in groups.values():
         # tokenise whole prompts and share their common token prefix: exact whatever the tokenizer merges
-        prompts = encode_prompts(tok, [texts[q] for q in qs])
-        P = common_prefix_len(prompts)
-        suffixes = [p[P:] for p in prompts]
-        # the gold target as training encodes it: apart from the prompt, with EOS (data.encode_examples)
+        asked = encode_prompts(tok, [texts[q] + PROMPT_ENDS[prompt_end] for q in qs]) if signal == "acc" else []
+        trained = encode_prompts(tok, [texts[q] for q in qs]) if loss else []
+        # the gold target as training encodes it: apart from its prompt, with EOS (data.encode_examples)
         targets = [e.ids + [eos_id] for e in tok.encode_batch([format_target(examples[q]) for q in qs],
-                                                              add_special_tokens=False)]
-        longest = max(len(s) + max(len(t), max_new_tokens if signal == "acc" else 0)
-                      for s, t in zip(suffixes, targets))
-        base = prefix_cache(model, prompts[0][:P], P + longest)
-        nll, tokens = gold_loss(model, base, suffixes, targets, batch_size=batch_size)
-        out["nll"] += sum(nll)
-        out["target_tokens"] += sum(len(t) for t in targets)
-        out["tokens"] += P + tokens
+                                                              add_special_tokens=False)] if loss else []
+        P = common_prefix_len(asked + trained)
+        longest = max([len(p) + max_new_tokens for p in asked] + [len(p) + len(t) for p, t in zip(trained, targets)])
+        base = prefix_cache(model, (asked or trained)[0][:P], longest)
         out["n"] += len(qs)
-        if signal == "acc":
-            gens, tokens = greedy_decode(model, tok, eos_id, base, suffixes, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size)
+        out["tokens"] += P  # once for the group
+        if loss:
+            nll, tokens = gold_nll(model, base, [p[P:] for p in trained], targets, batch_size=batch_size)
+            out["nll"] += sum(nll)
+            out["target_tokens"] += sum(len(t) for t in targets)
             out["tokens"] += tokens
+            # Appendix F counts every row whole: prefix included, no padding
+            out["paper_tokens"] += sum(len(p) + len(t) for p, t in zip(trained, targets))
+        if signal == "acc":
+            gens, tokens = greedy_decode(model, tok, eos_id, base, [p[P:] for p in asked],
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
+            out["tokens"] += tokens
+            out["paper_tokens"] += sum(len(p) + len(g) for p, g in zip(asked, gens))
             for q, g in zip(qs, gens):
-                out["correct"] += is_correct(extract_answer(tok.decode(g).split(STOP)[0]), examples[q].answer)
+                text = tok.decode(g)
+                pred, gold = extract_answer(text), examples[q].answer
+                out["records"].append({"index": q, "shots": list(keys[q]), "generated": text, "answer": pred,
+                                       "parsed": MARK in text, "gold": gold, "correct": is_correct(pred, gold)})
     return out
 
 
-def evaluate(model, tok, eos_id, mixture, tasks, split="selection", *, shots=5, seed=20, limit=None,
-             batch_size=32, max_new_tokens=256, signal="acc") -> dict[str, dict]:
-    """Per task {"acc", "loss", "n", "tokens"} on mixture[task][split] (the first `limit` examples), 5-shot from
-    mixture[task]["train"]. acc is None with signal "loss"; loss is the mean cross-entropy per gold target token
-    (EOS included, as in training); tokens is what all ranks ran through the model, padding and generated tokens
-    included (the D of 2·N·D). Split across ranks when torch.distributed is up."""
+def evaluate(model, tok, eos_id, mixture, tasks, split="selection", *, shots=5, seed=20, demos=None,
+             prompt_end="release", limit=None, batch_size=32, max_new_tokens=512, signal="acc", gold_loss=False,
+             predictions=False, progress=None) -> dict[str, dict]:
+    """Per task, on mixture[task][split] (its first `limit` examples), after `shots` demonstrations from
+    mixture[task]["train"] or demos[task] ([(question, answer)], as written):
+      acc, acc_ci (the 95% Wilson interval), unparsed (outputs with no "####"), top_answer and top_share (the most
+      frequent answer and its share: a model that always says "B" shows); None with signal "loss";
+      loss: the mean cross-entropy per gold target token (EOS included, as in training); None unless signal is
+      "loss" or gold_loss;
+      n; tokens: what all ranks ran through the model (each group's shared prefix once, padded rows, generated
+      tokens); paper_tokens: Appendix F's D, every prompt whole (prefix included, no padding) with its generated
+      tokens, and every gold-loss row whole;
+      predictions (predictions=True): per question by index, its task, shots, generated text, answer, gold, correct.
+    progress: seconds between lines on stderr within a task (rank 0's share), None for none.
+    Split across ranks when torch.distributed is up."""
     if signal not in ("acc", "loss"):
         raise ValueError(f"signal must be 'acc' or 'loss', got {signal!r}")
+    if prompt_end not in PROMPT_ENDS:
+        raise ValueError(f"prompt_end must be one of {', '.join(PROMPT_ENDS)}, got {prompt_end!r}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
     if shots < 0 or batch_size < 1 or max_new_tokens < 1:
@@ -245,6 +302,8 @@ def evaluate(model, tok, eos_id, mixture, tasks, split="selection", *, shots=5, 
         for s in (split, "train"):
             if not mixture[task].get(s):
                 raise ValueError(f"task {task!r} has no {s!r} examples (splits: {', '.join(sorted(mixture[task]))})")
+        if demos is not None and not demos.get(task):
+            raise ValueError(f"demos has no demonstrations for task {task!r}")
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     was_training = model.training
@@ -252,23 +311,74 @@ def evaluate(model, tok, eos_id, mixture, tasks, split="selection", *, shots=5, 
     results = {}
     for task in tasks:
         examples = mixture[task][split][:limit]
+        done, shown, t0 = 0, time.time(), time.time()
+
+        def on_batch(k):  # a progress line every `progress` seconds on long tasks
+            nonlocal done, shown
+            done += k
+            if time.time() - shown >= progress:
+                shown = time.time()
+                print(f"  {task}: {done}/{len(range(rank, len(examples), world))} questions, {shown - t0:.0f} s",
+                      file=sys.stderr, flush=True)
         c = evaluate_task(model, tok, eos_id, examples, mixture[task]["train"], shots=shots, seed=seed,
-                          batch_size=batch_size, max_new_tokens=max_new_tokens, signal=signal, rank=rank,
-                          world=world)
-        counts = [c["correct"], c["n"], c["nll"], c["target_tokens"], c["tokens"]]
+                          demos=None if demos is None else demos[task], prompt_end=prompt_end,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, signal=signal, gold_loss=gold_loss,
+                          rank=rank, world=world, on_batch=on_batch if progress and rank == 0 else None)
+        parts = [c]
         if ddp:  # every rank reaches this for every task, whatever its share
-            t = torch.tensor(counts, dtype=torch.float64, device=next(model.parameters()).device)
-            dist.all_reduce(t)
-            counts = t.tolist()
-        correct, n, nll, target_tokens, tokens = counts
-        results[task] = {"acc": correct / n if signal == "acc" else None, "loss": nll / target_tokens,
-                         "n": int(n), "tokens": int(tokens)}
+            parts = [None] * world
+            dist.all_gather_object(parts, c)
+        total = {k: sum(p[k] for p in parts) for k in ("n", "nll", "target_tokens", "tokens", "paper_tokens")}
+        records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+        n = total["n"]
+        r = {"acc": None, "acc_ci": None, "unparsed": None, "top_answer": None, "top_share": None,
+             "loss": total["nll"] / total["target_tokens"] if signal == "loss" or gold_loss else None,
+             "n": n, "tokens": total["tokens"], "paper_tokens": total["paper_tokens"]}
+        if signal == "acc":
+            correct = sum(rec["correct"] for rec in records)
+            top, count = Counter(rec["answer"] for rec in records).most_common(1)[0]  # ties: the lowest index's
+            r.update(acc=correct / n, acc_ci=wilson(correct, n), unparsed=sum(not rec["parsed"] for rec in records),
+                     top_answer=top, top_share=count / n)
+        if predictions:
+            r["predictions"] = [{"task": task, **rec} for rec in records]
+        results[task] = r
     model.train(was_training)
     return results
 
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+def load_demos(path, tasks) -> dict[str, list[tuple[str, str]]]:
+    """--demos FILE: JSON {task: [{"question": ..., "answer": ...}, ...]}, each entry shown as
+    "Q: {question}\\nA: {answer}\\n"; every task in `tasks` needs at least one. Errors name the file and the entry."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected an object {{task: [{{\"question\": ..., \"answer\": ...}}, ...]}}")
+    demos = {}
+    for task in tasks:
+        entries = d.get(task)
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{path}: no list of demonstrations for task {task!r} (it has {', '.join(d) or 'none'})")
+        for i, e in enumerate(entries):
+            if not (isinstance(e, dict) and set(e) == {"question", "answer"}
+                    and all(isinstance(v, str) and v.strip() for v in e.values())):
+                raise ValueError(f"{path}: {task}[{i}]: expected {{\"question\": text, \"answer\": text}}, "
+                                 f"got {json.dumps(e)[:80]}")
+        demos[task] = [(e["question"], e["answer"]) for e in entries]
+    return demos
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a crash never leaves half a file
 
 
 def main():
@@ -280,51 +390,81 @@ def main():
     ap.add_argument("--split", choices=["selection", "test", "train"], default="selection",
                     help="split to evaluate (the official code reports test)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    # the prompt
+    ap.add_argument("--shots", type=int, default=5, help="demonstrations before each question, from the training split")
+    ap.add_argument("--seed", type=int, default=20, help="picks the demonstrations")
+    ap.add_argument("--demos", default=None, help="JSON file {task: [{\"question\": ..., \"answer\": ...}, ...]}: "
+                    "these demonstrations, as written, before every question instead of --shots drawn ones")
+    ap.add_argument("--prompt-end", choices=list(PROMPT_ENDS), default="release",
+                    help="release: the question ends 'A: ' as in the authors' code; consistent: 'A:', so the first "
+                    "token asked for is the trained ' ####'")
     # how
-    ap.add_argument("--shots", type=int, default=5, help="worked examples before each question")
-    ap.add_argument("--seed", type=int, default=20, help="picks the shots")
     ap.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation cap (gsm8k rationales need ~200)")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="generation cap (the release's 512)")
     ap.add_argument("--signal", choices=["acc", "loss"], default="acc", help="loss: gold-target loss only, no "
                     "generation (cheap)")
+    ap.add_argument("--gold-loss", action="store_true", help="with --signal acc, the gold-target loss as well")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache dtype")
     # output
-    ap.add_argument("--out", default=None, help="write the per-task figures and the arguments here (JSON)")
+    ap.add_argument("--progress", type=float, default=60, help="seconds between progress lines (stderr) in a task")
+    ap.add_argument("--out", default=None, help="folder for results.json (arguments, per-task figures) and "
+                    "predictions.jsonl (a line a question)")
     args = ap.parse_args()
     for flag, v, least in (("--limit", args.limit, 1), ("--shots", args.shots, 0),
                            ("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
         if v is not None and v < least:
             ap.error(f"{flag} must be >= {least}, got {v}")
+    if not args.progress > 0:
+        ap.error(f"--progress must be > 0 seconds, got {args.progress}")
     if not Path(args.data).is_dir():
         ap.error(f"--data {args.data}: not a folder (prepare one with: python data.py prepare ...)")
+    if args.out:  # before anything slow: a run must not end unable to write what it found
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / ".probe", "")
+            (out / ".probe").unlink()
+        except OSError as e:
+            ap.error(f"--out {args.out}: not a writable folder ({e.strerror or e})")
 
     try:  # unknown tasks and malformed files come back as errors that name them
         mixture = load_mixture(args.data, args.tasks)
     except ValueError as e:
         ap.error(f"--data {args.data}: {e}")
     tasks = args.tasks or sorted(mixture)
+    demos = None
+    if args.demos:
+        try:
+            demos = load_demos(args.demos, tasks)
+        except ValueError as e:
+            ap.error(f"--demos {e}")
     folder = resolve_checkpoint(args.model)
     tok, eos_id = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype))
 
-    print(f"{'task':<16}{'n':>6}{'acc':>8}{'loss':>8}{'tokens':>11}{'seconds':>9}")
-    results = {}
+    print(f"{'task':<16}{'n':>6}{'acc':>7}{'95% CI':>15}{'unparsed':>10}  {'top answer (share)':<24}{'loss':>7}"
+          f"{'tokens':>11}{'paper tok':>11}{'seconds':>9}")
+    results, preds = {}, []
     for task in tasks:
         t0 = time.time()
-        r = evaluate(model, tok, eos_id, mixture, [task], args.split, shots=args.shots, seed=args.seed,
-                     limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     signal=args.signal)[task]
+        r = evaluate(model, tok, eos_id, mixture, [task], args.split, shots=args.shots, seed=args.seed, demos=demos,
+                     prompt_end=args.prompt_end, limit=args.limit, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, signal=args.signal, gold_loss=args.gold_loss,
+                     predictions=args.out is not None, progress=args.progress)[task]
         r["seconds"] = round(time.time() - t0, 2)
+        preds += r.pop("predictions", [])
         results[task] = r
-        acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
-        print(f"{task:<16}{r['n']:>6}{acc:>8}{r['loss']:>8.3f}{r['tokens']:>11}{r['seconds']:>9.1f}")
-    if args.out:
-        # written to a temporary name and renamed: a crash never leaves half a file
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
-        os.replace(tmp, args.out)
+        acc, ci, unparsed, top = "-", "-", "-", "-"
+        if r["acc"] is not None:
+            acc, ci, unparsed = f"{r['acc']:.3f}", f"[{r['acc_ci'][0]:.3f}, {r['acc_ci'][1]:.3f}]", r["unparsed"]
+            top = f"{json.dumps(r['top_answer'])[:16]} ({r['top_share']:.2f})"
+        loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
+        print(f"{task:<16}{r['n']:>6}{acc:>7}{ci:>15}{unparsed:>10}  {top:<24}{loss:>7}{r['tokens']:>11}"
+              f"{r['paper_tokens']:>11}{r['seconds']:>9.1f}", flush=True)
+        if args.out:  # after every task, so a long run that stops keeps what it finished
+            write_atomic(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+            write_atomic(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     model = Transformer.from_pretrained("Qwen/Qwen2.5-0.5B")           # or a local folder in hub layout
     logits = model(idx)                                                 # (B, T, vocab)
     logits, loss = model(idx, targets)                                  # + mean cross-entropy over targets != -100
+    h = model(idx, hidden=True)                                         # (B, T, dim): apply model.lm_head where read
     model.save_pretrained("out/model")                                  # loads in transformers unchanged
 
 The architectures differ in a handful of named fields of `ModelConfig` (qkv bias, q/k norm per head or over all
@@ -272,10 +273,12 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, pos=None, mask=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pos=None, mask=None, hidden=False):
         """idx (B, T) ids. cache: keys/values go to slots cache.len.. and cache.len advances by T.
         pos (B, T): rotary positions (default: the slot index). mask (B, T) bool: False marks padding that no
-        token may attend to. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given."""
+        token may attend to. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
+        hidden=True returns the final normed states (B, T, dim) instead: `self.lm_head(h[...]).float()` gives the
+        logits of just the positions a caller reads, without a (B, T, vocab) tensor."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -301,7 +304,10 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, attn_mask, cache, i if cache is not None else None)
         if cache is not None:
             cache.len += T
-        logits = self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        if hidden:
+            return x
+        logits = self.lm_head(x).float()
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)

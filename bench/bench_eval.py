@@ -8,9 +8,10 @@
 The real 5-shot workload of one task: questions from DATA/<task>/test.jsonl (hub schema, e.g. ../shared/data),
 shots from its train.jsonl, prompts built and tokenized by evaluate.py. Ours: the shared 5-shot prefix computed once,
 questions sorted by length, left-padded batches, finished rows dropped. transformers: model.generate, greedy, the
-same token ids in the same sorted, left-padded batches with an attention mask, stop_strings=["\\nQ:"] and EOS (a
-batch runs until its last row stops). Each output is cut at its first EOS or "\\nQ:" as evaluate.py reads it; the
-script prints how many agree token for token, the wall time and generated tokens per second of both, and the ratio.
+same token ids in the same sorted, left-padded batches with an attention mask, EOS and a stopping criterion that
+ends a row once its first "####" line has ended (a batch runs until its last row stops). Each output is cut where
+evaluate.py stops (its first EOS, or where that line ends); the script prints how many agree token for token, the
+wall time and generated tokens per second of both, and the ratio.
 --dtype sets both models' weights (and ours' KV cache). transformers is only the yardstick here
 (requirements-dev.txt); the project itself never imports it. tests/test_gpu.py reuses load_prompts and run_ours.
 """
@@ -31,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------
 # the evaluator's side: the only place in bench/ and tests/ that calls evaluate.py's functions (few_shot_prompts,
-# common_prefix_len, prefix_cache, greedy_decode, extract_answer, is_correct, STOP), so a change there is met here
+# common_prefix_len, prefix_cache, greedy_decode, extract_answer, is_correct, answer_complete, PROMPT_ENDS), so a
+# change there is met here
 
 
 def load_prompts(data, task: str, n: int, shots: int, tok):
@@ -39,13 +41,13 @@ def load_prompts(data, task: str, n: int, shots: int, tok):
     rows = {s: [convert(task, r) for r in read_jsonl(Path(data) / task / f"{s}.jsonl")] for s in ("train", "test")}
     asked = rows["test"][:n]
     keys, texts = ev.few_shot_prompts(asked, rows["train"], shots, seed=20)
-    return asked, keys, encode_prompts(tok, texts)
+    return asked, keys, encode_prompts(tok, [t + ev.PROMPT_ENDS["release"] for t in texts])
 
 
 def cut(gen, tok, eos):
-    """A continuation as evaluate.py reads it: up to its first EOS or stop string."""
+    """A continuation where evaluate.py stops it: its first EOS, or the end of its first "####" line."""
     for k in range(len(gen)):
-        if gen[k] == eos or ev.STOP in tok.decode(gen[:k + 1]):
+        if gen[k] == eos or ev.answer_complete(tok.decode(gen[:k + 1])):
             return gen[:k + 1]
     return gen
 
@@ -66,8 +68,19 @@ def run_ours(model, tok, eos, ids, keys, qs, *, max_new_tokens, batch_size):
     return [out[q] for q in qs], tokens
 
 
+def answer_line_ended(tok, L):
+    """transformers' stopping criterion: per row, has the text after the first L tokens ended its "####" line?"""
+    from transformers import StoppingCriteria
+
+    class AnswerLineEnded(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [ev.answer_complete(tok.decode(row[L:])) for row in input_ids.tolist()]
+            return torch.tensor(done, device=input_ids.device)
+    return AnswerLineEnded()
+
+
 @torch.no_grad()
-def run_hf(model, hf_tok, tok, eos, ids, qs, *, max_new_tokens, batch_size):
+def run_hf(model, tok, eos, ids, qs, *, max_new_tokens, batch_size):
     """transformers' greedy continuations of questions qs, cut as ours are, and the tokens run through the model."""
     out, tokens = {}, 0
     device = next(model.parameters()).device
@@ -81,7 +94,7 @@ def run_hf(model, hf_tok, tok, eos, ids, qs, *, max_new_tokens, batch_size):
             idx[b, L - len(ids[q]):] = torch.tensor(ids[q])
             mask[b, L - len(ids[q]):] = 1
         gen = model.generate(input_ids=idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, stop_strings=[ev.STOP], tokenizer=hf_tok, eos_token_id=eos,
+                             do_sample=False, stopping_criteria=[answer_line_ended(tok, L)], eos_token_id=eos,
                              pad_token_id=eos)[:, L:]
         tokens += len(batch) * (L + gen.size(1))  # every row runs until the batch's last one stops
         out.update((q, cut(g, tok, eos)) for q, g in zip(batch, gen.tolist()))
@@ -89,7 +102,7 @@ def run_hf(model, hf_tok, tok, eos, ids, qs, *, max_new_tokens, batch_size):
 
 
 def accuracy(gens, asked, tok) -> float:
-    answers = [ev.extract_answer(tok.decode(g).split(ev.STOP)[0]) for g in gens]
+    answers = [ev.extract_answer(tok.decode(g)) for g in gens]
     return sum(ev.is_correct(a, ex.answer) for a, ex in zip(answers, asked)) / len(asked)
 
 
@@ -105,7 +118,7 @@ def main():
     parser.add_argument("--n", type=int, default=200, help="questions (the first n test rows)")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for ' #### B' and the stop")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="enough for '#### B.' and its line end")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -124,7 +137,7 @@ def main():
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (build it with ../shared/tools/get-smollm2.sh)")
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError:
         sys.exit("this benchmark compares against transformers: pip install -r requirements-dev.txt")
     if args.threads:
@@ -137,7 +150,6 @@ def main():
     ours_model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
     hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
     hf_model.to(args.device).eval()
-    hf_tok = AutoTokenizer.from_pretrained(args.model)
     how = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
     def timed(fn, qs):
@@ -153,7 +165,7 @@ def main():
         return run_ours(ours_model, tok, eos, ids, keys, qs, **how)
 
     def hf_fn(qs):
-        return run_hf(hf_model, hf_tok, tok, eos, ids, qs, **how)
+        return run_hf(hf_model, tok, eos, ids, qs, **how)
 
     qs = list(range(len(asked)))
     ours_fn(qs[:4]), hf_fn(qs[:4])  # warm up both (allocator, kernels) on a few questions
@@ -169,7 +181,7 @@ def main():
     print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, batch {args.batch_size}, {where}, prompts "
           f"{min(map(len, ids))}-{max(map(len, ids))} tokens, {len(set(keys))} distinct shot sets, at most "
           f"{args.max_new_tokens} new tokens, accuracy {acc:.3f}")
-    print(f"same greedy output (token for token, cut at EOS/'\\nQ:'): {same}/{len(asked)}")
+    print(f"same greedy output (token for token, cut where evaluate.py stops): {same}/{len(asked)}")
     print("| what | ours | transformers | ratio |")
     print("|---|---|---|---|")
     print(f"| wall time (s) | {t_ours:.1f} | {t_hf:.1f} | {t_hf / t_ours:.2f}x |")

@@ -1,5 +1,6 @@
-"""Pins data.py: the ten converters (real rows from ../shared/data, hand-made hub rows for aqua_rat, winogrande
-and medmcqa), the exact prompt/target text, the loss mask (decoded back to the target with the real SmolLM2
+"""Pins data.py: the ten converters in the release's task formats (real rows from ../shared/data, hand-made hub rows
+for aqua_rat, winogrande and medmcqa; prompts and targets written out by hand), every real row's trained target read
+back by evaluate.py's answer rule as its gold, the loss mask (decoded back to the target with the real SmolLM2
 tokenizer), the mixture sampler's properties (hypothesis), bad-input errors, `prepare` (manifest, policy,
 byte-for-byte determinism) and the padding figure on the real mixture (> 0.8 real tokens).
 
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import data
+import evaluate as ev
 from data import Example, LETTERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,64 +49,84 @@ def test_converters_on_first_real_rows(shared_data):
     row = first_row(shared_data / "gsm8k/train.jsonl")
     assert data.convert("gsm8k", row) == Example(
         row["question"], "72", None, "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-                                     "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.")
+                                     "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
     row = first_row(shared_data / "gsm8k/train.jsonl", lambda r: r["answer"].endswith("#### 1,080"))
-    assert data.convert("gsm8k", row).answer == "1080"
+    assert data.convert("gsm8k", row).answer == "1,080"  # as the trained text writes it
     row = first_row(shared_data / "hellaswag/validation.jsonl")
-    assert data.convert("hellaswag", row) == Example("A man is sitting on a roof. he", "D", (
-        "is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
-        "starts pulling up roofing on a roof."))
+    assert data.convert("hellaswag", row) == Example('"A man is sitting on a roof. he"', "D", (
+        '"is using wrap to wrap a pair of skis."', '"is ripping level tiles off."', '"is holding a rubik\'s cube."',
+        '"starts pulling up roofing on a roof."'))
     row = first_row(shared_data / "boolq/train.jsonl")
     ex = data.convert("boolq", row)
-    assert ex.answer == "yes" and ex.choices is None
+    assert ex.answer == "True" and ex.choices is None
     assert ex.question == row["passage"] + "\nare bok choy and pak choi the same?"
     row = first_row(shared_data / "arc_easy/train.jsonl", lambda r: r["choices"]["label"][0] == "1")
     ex = data.convert("arc_easy", row)
     assert ex.answer == "ABCDE"[int(row["answerKey"]) - 1] and ex.choices == tuple(row["choices"]["text"])
     row = first_row(shared_data / "sciq/validation.jsonl")
-    ex = data.convert("sciq", row)
-    assert sorted(ex.choices) == sorted(["darwin", "Linnaeus", "shaw", "Scopes"])
-    assert ex.choices[LETTERS.index(ex.answer)] == "darwin" and data.convert("sciq", row) == ex
+    assert data.convert("sciq", row) == Example(row["question"], "darwin")
+
+
+def test_release_formats_written_out(shared_data):
+    # the whole training text of each task's first real row, written by hand from SPEC section 9's formats
+    text = lambda task, path: (lambda ex: data.format_prompt(ex) + data.format_target(ex))(
+        data.convert(task, first_row(shared_data / path)))
+    assert text("commonsense_qa", "commonsense_qa/train.jsonl") == (
+        "Q: The sanctions against the school were a punishing blow, and they seemed to what the efforts the school "
+        "had made to change?\noptions: A. ignore, B. enforce, C. authoritarian, D. yell at, E. avoid\nA: #### A")
+    assert text("hellaswag", "hellaswag/validation.jsonl") == (
+        'Q: "A man is sitting on a roof. he"\noptions: A. "is using wrap to wrap a pair of skis.", B. "is ripping '
+        'level tiles off.", C. "is holding a rubik\'s cube.", D. "starts pulling up roofing on a roof."\nA: #### D')
+    row = first_row(shared_data / "sciq/validation.jsonl")
+    assert text("sciq", "sciq/validation.jsonl") == f"Q: {row['question']}\nA: #### darwin"
+    row = first_row(shared_data / "gsm8k/train.jsonl")
+    assert text("gsm8k", "gsm8k/train.jsonl") == f"Q: {row['question']}\nA: {row['answer']}"
+    row = first_row(shared_data / "boolq/train.jsonl")
+    assert text("boolq", "boolq/train.jsonl") == (
+        f"Q: {row['passage']}\nare bok choy and pak choi the same?\nA: #### True")
 
 
 def test_every_real_row_converts_and_agrees_with_its_source(shared_data):
     # an independent reading of each row's answer, checked against the converter on all ~47k rows
     for path in sorted(shared_data.glob("*/*.jsonl")):
         task = path.parent.name
-        letters = Counter()
         for row in map(json.loads, open(path, encoding="utf-8")):
             ex = data.convert(task, row)
             picked = None if ex.choices is None else ex.choices[LETTERS.index(ex.answer)]
-            letters[ex.answer] += 1
             if task in ("commonsense_qa", "openbookqa", "arc_easy"):
                 assert picked == row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
             elif task == "hellaswag":
-                assert picked == row["endings"][int(row["label"])]
+                assert picked == f'"{row["endings"][int(row["label"])]}"'
             elif task == "sciq":
-                assert picked == row["correct_answer"]
-                fields = ("correct_answer", "distractor1", "distractor2", "distractor3")
-                assert sorted(ex.choices) == sorted(row[k] for k in fields)
+                assert ex.answer == row["correct_answer"] and ex.choices is None
             elif task == "gsm8k":
-                assert row["answer"] == f"{ex.rationale}\n#### {row['answer'].split('#### ')[-1]}"
-                float(ex.answer)
+                assert ex.rationale == row["answer"] and ex.answer == row["answer"].split("#### ")[1]
+                float(ex.answer.replace(",", ""))  # a number, thousands commas and all
             elif task == "boolq":
-                assert ex.answer == ("yes" if row["answer"] else "no")
-        if task == "sciq":  # the shuffle moves the correct answer around: no letter dominates
-            assert all(150 < letters[c] < 350 for c in "ABCD"), letters
+                assert ex.answer == ("True" if row["answer"] else "False")
+            # what training writes after "A:", read back by evaluation's rule, is the gold answer
+            assert ev.is_correct(ev.extract_answer(data.format_target(ex)), ex.answer)
 
 
 def test_converters_on_hand_made_rows():
     aqua = {"question": "Two trains travel 60 km at 30 km/h. How many hours?", "options": ["A)1", "B)2", "C)3"],
             "rationale": "60 / 30 = 2 hours.\nANSWER: B", "correct": "B"}
-    assert data.convert("aqua_rat", aqua) == Example(aqua["question"], "B", ("1", "2", "3"),
-                                                     "60 / 30 = 2 hours.\nANSWER: B")
+    ex = data.convert("aqua_rat", aqua)
+    assert data.format_prompt(ex) + data.format_target(ex) == (
+        "Q: Two trains travel 60 km at 30 km/h. How many hours?\noptions: A. 1, B. 2, C. 3\n"
+        "A: 60 / 30 = 2 hours.\nANSWER: B #### B")
     wino = {"sentence": "The trophy doesn't fit into the suitcase because the _ is too large.",
             "option1": "trophy", "option2": "suitcase", "answer": "1"}
-    assert data.convert("winogrande", wino) == Example(wino["sentence"], "A", ("trophy", "suitcase"))
+    ex = data.convert("winogrande", wino)
+    assert data.format_prompt(ex) + data.format_target(ex) == (
+        "Q: The trophy doesn't fit into the suitcase because the _ is too large.\n"
+        "options: A. trophy , B. suitcase \nA: #### A")
     assert data.convert("winogrande", {**wino, "answer": "2"}).answer == "B"
     med = {"id": "x1", "question": "Which vitamin deficiency causes scurvy?", "opa": "A", "opb": "B12", "opc": "C",
            "opd": "D", "cop": 2, "choice_type": "single", "exp": "Vitamin C.", "subject_name": "Biochemistry"}
-    assert data.convert("medmcqa", med) == Example(med["question"], "C", ("A", "B12", "C", "D"))
+    ex = data.convert("medmcqa", med)
+    assert data.format_prompt(ex) + data.format_target(ex) == (
+        "Q: Which vitamin deficiency causes scurvy?\noptions: A. A, B. B12, C. C, D. D\nA: #### C")
     # the hub's unlabelled test rows fail loudly instead of training on a made-up label
     for task, row in (("winogrande", {**wino, "answer": ""}), ("medmcqa", {**med, "cop": -1}),
                       ("hellaswag", {"ctx": "x", "endings": ["a", "b", "c", "d"], "label": ""}),
@@ -120,11 +142,15 @@ def test_format_exact():
     ex = Example("What is 2 + 2?", "B", ("3", "4", "5"))
     assert data.format_prompt(ex) == "Q: What is 2 + 2?\noptions: A. 3, B. 4, C. 5\nA:"
     assert data.format_target(ex) == " #### B"
-    ex = Example("Tom has 3 apples and buys 2. How many?", "5", None, "3 + 2 = 5.")
+    ex = Example("Tom has 3 apples and buys 2. How many?", "5", None, "3 + 2 = 5.\n#### 5")
     assert data.format_prompt(ex) == "Q: Tom has 3 apples and buys 2. How many?\nA:"
-    assert data.format_target(ex) == " 3 + 2 = 5. #### 5"
-    ex = Example("x?", "A", ("1", "2"), "because")
+    assert data.format_target(ex) == " 3 + 2 = 5.\n#### 5"
+    ex = Example("x?", "A", ("1", "2"), "because #### A")
     assert data.format_prompt(ex) + data.format_target(ex) == "Q: x?\noptions: A. 1, B. 2\nA: because #### A"
+    # a rationale must end with its answer, the only "####" in it: evaluation reads the first one
+    for bad in ("because", "because #### B", "#### A, so #### A"):
+        with pytest.raises(ValueError, match="rationale must end with '#### A'"):
+            Example("x?", "A", ("1", "2"), bad)
 
 
 def test_loss_mask_is_exactly_target_and_eos(shared_data, smollm2):
