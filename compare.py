@@ -15,9 +15,9 @@ Writes to OUT:
 - table.md, table.json: per method the test score of the chosen checkpoint per task and on average, and the
   epoch of that checkpoint (the paper's Table 2); training, evaluation and total FLOPs, also relative to SFT
   (its Table 7). With several seeds every cell is mean ± sample std.
-- curves.png (with matplotlib: `pip install matplotlib`): per-task selection scores over epochs, a panel per run,
-  each exclusion marked with its task and each roll-back drawn as a jump back in epoch (the paper's Figure 2);
-  loss.png: the training loss over optimizer steps and over epochs trained.
+- curves.png (with matplotlib, installed by requirements-dev.txt): a panel per task, every method's selection score
+  over epochs overlaid, each exclusion starred and each roll-back drawn as a jump back in epoch (the paper's Figures
+  2 and 9); loss.png: the training loss over epochs, log scale; task_loss.png: each task's training loss.
 """
 import argparse
 import json
@@ -215,8 +215,33 @@ def curves(log: list[dict]) -> dict:
     return {"segments": segments, "jumps": jumps, "drops": drops}
 
 
+def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    """An exponential moving average: a step's loss over a handful of one task's examples is noisy."""
+    out, m = [], None
+    for v in values:
+        m = v if m is None else (1 - alpha) * m + alpha * v
+        out.append(m)
+    return out
+
+
+def y_range(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The range of the curves from the first evaluation after the base model on, padded: the base model's
+    far-off score would otherwise squash every curve into a line."""
+    ys = [y for x, y in points if x > EPS] or [y for _, y in points]
+    if not ys:
+        return None
+    lo, hi = min(ys), max(ys)
+    pad = 0.06 * (hi - lo or abs(hi) or 1.0)
+    return lo - pad, hi + pad
+
+
 def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
-    """curves.png (a panel per run) and loss.png (a column per seed) in OUT; [] without matplotlib."""
+    """In OUT, [] without matplotlib:
+    curves.png: a panel per task (the paper's Figures 2 and 9), every method's selection score over epochs on it,
+      each roll-back a jump back in epoch, a star where the method stopped training that task, a ring at the
+      checkpoint it chose;
+    loss.png: the training loss over epochs trained, a line per method, log scale (a column per seed);
+    task_loss.png: each task's training loss over epochs trained, a panel per task, a line per method (smoothed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -232,57 +257,81 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
         plt.close(fig)
         return path
 
+    def grid(n):
+        cols = min(n, 4)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        return fig, list(axes.flat)
+
     tasks = sorted({t for rs in runs.values() for r in rs for e in r["log"] if e["event"] == "eval"
                     for t in e["scores"]})
-    color = {t: f"C{i % 10}" for i, t in enumerate(tasks)}
-    grid = list(runs.values())  # a row per method, a column per seed
-    if max(map(len, grid)) == 1:  # one seed: three panels a row rather than one tall column
-        grid = [sum(grid[i:i + 3], []) for i in range(0, len(grid), 3)]
-    ncols = max(map(len, grid))
-    fig, axes = plt.subplots(len(grid), ncols, figsize=(5.5 * ncols, 3.4 * len(grid)), squeeze=False)
-    for row, rs in zip(axes, grid):
-        for ax, r in zip(row, rs):
-            c = curves(r["log"])
-            for t, segs in sorted(c["segments"].items()):
-                for i, seg in enumerate(segs):
-                    if seg:
-                        ax.plot(*zip(*seg), color=color[t], marker=".", ms=3, label=t if i == 0 else None)
-            for frm, to in c["jumps"]:  # the roll-back itself: an arrow back in epoch along the top
-                ax.annotate("", (to, 0.97), (frm, 0.97), xycoords=("data", "axes fraction"),
-                            arrowprops=dict(arrowstyle="->", color="gray", lw=1))
-            labels = {}  # one label per epoch: tasks dropped together share it
-            for epoch, t, s, kind in c["drops"]:
-                if s is not None:
-                    ax.plot([epoch], [s], marker="*", ms=11, color=color[t], mec="k")
-                labels.setdefault(epoch, []).append(f"drop {t}" if kind == "drop" else f"{t} done")
-            for epoch, text in labels.items():
-                ax.axvline(epoch, color="gray", ls="--", lw=0.7)
-                ax.annotate(", ".join(text), (epoch, 0.94), xycoords=("data", "axes fraction"), rotation=90,
-                            va="top", ha="right", fontsize=7)
-            if r["summary"]:
-                ax.axvline(r["summary"]["best_epoch"], color="k", ls="-.", lw=0.7, label="chosen")
-            ax.set_title(r["name"] + ("" if r["summary"] else " (unfinished)"), fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("selection accuracy" if r["args"]["signal"] == "acc" else "selection score (-loss)")
-        for ax in row[len(rs):]:
-            ax.axis("off")
-    axes[0][0].legend(fontsize=7)
-    paths = [save(fig, out / "curves.png")]
+    color = {m: f"C{i % 10}" for i, m in enumerate(runs)}
+    first = {m: rs[0] for m, rs in runs.items()}  # one seed a method keeps the panels readable
+    signal = next(iter(first.values()))["args"]["signal"]
+    paths = []
 
-    # loss: a column per seed, a line per method; top row over steps, bottom row over epochs trained
+    fig, axes = grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        points = []
+        for m, r in first.items():
+            c = curves(r["log"])
+            for i, seg in enumerate(c["segments"].get(task, [])):
+                if seg:
+                    ax.plot(*zip(*seg), color=color[m], lw=1.2, marker=".", ms=2.5, label=m if i == 0 else None)
+                    points += seg
+            for epoch, t, s, kind in c["drops"]:
+                if t == task and s is not None:
+                    ax.plot([epoch], [s], marker="*", ms=10, color=color[m], mec="k", mew=0.5)
+            if r["summary"]:
+                best = r["summary"]["best_epoch"]
+                at = [s for seg in c["segments"].get(task, []) for e, s in seg if abs(e - best) < EPS]
+                if at:
+                    ax.plot([best], [at[-1]], marker="o", ms=8, mfc="none", color=color[m], mew=1.2)
+        if y_range(points):
+            ax.set_ylim(*y_range(points))
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("selection accuracy" if signal == "acc" else "selection score (-loss)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="* dropped   o chosen", title_fontsize=7)
+    fig.suptitle("selection score by epoch; the base model (epoch 0) is off the scale where far below", fontsize=9)
+    paths.append(save(fig, out / "curves.png"))
+
     seeds = sorted({r["args"]["seed"] for rs in runs.values() for r in rs})
-    fig, axes = plt.subplots(2, len(seeds), figsize=(5.5 * len(seeds), 6.5), squeeze=False)
-    for j, seed in enumerate(seeds):
+    fig, axes = plt.subplots(1, len(seeds), figsize=(6 * len(seeds), 4), squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
         for m, rs in runs.items():
             for r in (r for r in rs if r["args"]["seed"] == seed):
-                steps = [e for e in r["log"] if e["event"] == "train"]
-                for ax, x in zip(axes[:, j], ("step", "epoch")):
-                    ax.plot([e[x] for e in steps], [e["loss"] for e in steps], lw=0.8, label=m)
-        axes[0][j].set_title(f"training loss, seed {seed}", fontsize=9)
-        axes[0][j].set_xlabel("optimizer step")
-        axes[1][j].set_xlabel("epochs trained")
-        axes[0][j].legend(fontsize=7)
+                steps = [e for e in r["log"] if e["event"] == "train" and e.get("loss")]
+                if steps:
+                    ax.plot([e["epoch"] for e in steps], smooth([e["loss"] for e in steps], 0.2), lw=0.9,
+                            color=color[m], label=m)
+        ax.set_yscale("log")
+        ax.set_title(f"training loss (smoothed), seed {seed}", fontsize=10)
+        ax.set_xlabel("epochs trained (mSFT: along the kept path; roll-backs step back)", fontsize=8)
+        ax.set_ylabel("loss per answer token, log scale", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     paths.append(save(fig, out / "loss.png"))
+
+    fig, axes = grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for m, r in first.items():
+            pts = [(e["epoch"], e["task_loss"][task]) for e in r["log"]
+                   if e["event"] == "train" and task in e.get("task_loss", {})]
+            if pts:
+                ax.plot([x for x, _ in pts], smooth([y for _, y in pts]), lw=0.9, color=color[m], label=m)
+        ax.set_yscale("log")
+        ax.set_title(f"{task}: training loss", fontsize=10)
+        ax.set_xlabel("epochs trained", fontsize=8)
+        ax.set_ylabel("loss per answer token (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    paths.append(save(fig, out / "task_loss.png"))
     return paths
 
 

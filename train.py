@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=cli.number(int, at_least=1), default=None,
                    help="evaluate on the first N selection examples per task (default: all)")
     p.add_argument("--eval-batch", type=cli.number(int, at_least=1), default=32, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=cli.number(int, at_least=1), default=256,
+    p.add_argument("--max-new-tokens", type=cli.number(int, at_least=1), default=512,
                    help="generation cap of the accuracy signal")
     p.add_argument("--select-on", choices=("selection", "test"), default="selection",
                    help="split that scores checkpoints; 'test' reproduces the release (selects on the reported data)")

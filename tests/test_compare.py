@@ -132,7 +132,7 @@ def test_curves_cut_at_the_roll_back_and_mark_the_drop():
 def test_plots_are_png_files(seeded):
     pytest.importorskip("matplotlib")
     paths = compare.plot(compare.find_runs(seeded), seeded)
-    assert paths == [seeded / "curves.png", seeded / "loss.png"]
+    assert paths == [seeded / "curves.png", seeded / "loss.png", seeded / "task_loss.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
