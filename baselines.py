@@ -50,8 +50,7 @@ def evaluate(run, state: dict, stage: int, active: list[str]) -> dict:
     state["model_at"] = {"id": state["evals"], "epoch": state["epoch"]}
     state["evals"] += 1
     return {"event": "eval", "stage": stage, "epoch": state["epoch"], "active": sorted(active),
-            "evaluated": list(run.tasks), "scores": scores, "avg": avg,
-            "eval_tokens": int(sum(r["tokens"] for r in run.last_eval.values()))}
+            "evaluated": list(run.tasks), "scores": scores, "avg": avg}
 
 
 def commit(run, store, state: dict, events: list[dict]):
@@ -103,12 +102,14 @@ def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
     """Continual SFT (Scialom et al. 2022): the tasks one after another (--task-order; default the paper's listing
     order, data.TASKS, then a user's own tasks by name), each trained alone for --budget epochs and evaluated every
     interval, then rolled back to its own best checkpoint (the earliest where that task's score is highest, the
-    phase's start included); the next task starts there, and the last task's best is the final model."""
+    phase's start included); the next task starts there, and the last task's best is the final model. Its epochs
+    add up each task's own; `mixture_epoch` weighs each by the task's share of the mixture, comparable with SFT's."""
     a = run.args
     order = a.task_order or sorted(run.tasks, key=lambda t: (data.TASKS.index(t), "") if t in data.TASKS else (99, t))
     if sorted(order) != run.tasks:
         raise SystemExit(f"--task-order {' '.join(order)}: expected each of the run's tasks {run.tasks} once")
-    state = start(run, store, state, phase=0, phase_start=0.0, task_best=None, started=True)
+    share = {t: len(run.train_enc[t]) / sum(len(e) for e in run.train_enc.values()) for t in run.tasks}
+    state = start(run, store, state, phase=0, phase_start=0.0, task_best=None, started=True, mixture_base=0.0)
     while not state["done"]:
         k = state["phase"]
         task = order[k]
@@ -118,9 +119,14 @@ def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
         if state["evals"]:  # the base model is evaluated first; a later phase starts at an evaluated checkpoint
             advance(run, state, [task], state["phase_start"], state["phase_start"] + a.budget)
         ev = evaluate(run, state, k + 1, [task])
+        # epochs in the mixture's units: a task's epoch is its share of an epoch of the whole mixture
+        ev["mixture_epoch"] = round(state["mixture_base"] + (state["epoch"] - state["phase_start"]) * share[task], 9)
+        if state["best"]["id"] == state["evals"] - 1:
+            state["best"]["mixture_epoch"] = ev["mixture_epoch"]
         best = state["task_best"]
         if best is None or ev["scores"][task] > best["scores"][task]:  # strictly higher: ties keep the earlier
-            best = state["task_best"] = {"id": state["evals"] - 1, "epoch": state["epoch"], "scores": ev["scores"]}
+            best = state["task_best"] = {"id": state["evals"] - 1, "epoch": state["epoch"], "scores": ev["scores"],
+                                         "mixture_epoch": ev["mixture_epoch"]}
         events = [ev]
         if state["epoch"] >= state["phase_start"] + a.budget - EPS:  # the task's budget is spent
             nxt = order[k + 1] if k + 1 < len(order) else None
@@ -130,7 +136,8 @@ def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
                 state["done"] = True
                 events.append(done(run, state, k + 1))
             else:  # the next phase starts from this task's best; its score for the next task is already known
-                state.update(phase=k + 1, epoch=best["epoch"], phase_start=best["epoch"], started=False)
+                state.update(phase=k + 1, epoch=best["epoch"], phase_start=best["epoch"], started=False,
+                             mixture_base=best["mixture_epoch"])
         state["hold"] = [best["id"]]
         commit(run, store, state, events)
     run.restore(store.load(state["task_best"]["id"]))
@@ -191,9 +198,10 @@ def search(run, store, state: dict | None) -> dict:
             raise SystemExit(f"{path}: {err}") from None
         run.flops.train(f["train"] // (6 * n_params))
         run.flops.eval(f["eval"] // (2 * n_params))
+        run.flops.add("paper_eval", f.get("paper_eval", f["eval"]) // (2 * n_params))
         run.log({"event": "decision", "stage": 0, "kind": "search", "excluded": [], "rollback_epoch": 0.0,
                  "peaks": peaks, "search_epochs": evals[-1]["epoch"], "source": str(path),
-                 "search_flops": {"train": f["train"], "eval": f["eval"]}})
+                 "search_flops": {k: f[k] for k in ("train", "eval", "paper_eval") if k in f}})
         return start(run, store, None, phase="train", peaks=peaks, search_epochs=evals[-1]["epoch"],
                      active=list(run.tasks), origin=0.0, started=True)
     else:  # the base model is checkpoint 0 of both phases: held until phase (ii) has restored it

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent
 SEARCH = ("sro", "soft-sro")  # their search phase is an SFT run: they read its log
 SET_HERE = ("method", "model", "data", "out", "resume", "search_log")  # train.py flags this script sets per run
 SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "flops")
+FLOPS = ("train", "eval", "total", "paper_eval", "paper_total", "test")  # flops.FlopCounter.report()'s, per run
 EPS = 1e-9
 
 
@@ -134,18 +135,24 @@ def make_table(runs: dict[str, list[dict]]) -> dict:
                       "test_scores": {t: cell([x["test_scores"][t] for x in s]) for t in tasks},
                       "test_avg": cell([x["test_avg"] for x in s]),
                       "best_epoch": cell([x["best_epoch"] for x in s]),
-                      "flops": {k: cell([x["flops"][k] for x in s]) for k in ("train", "eval", "total")}}
+                      "mixture_epoch": cell([x["best_mixture_epoch"] for x in s]) if "best_mixture_epoch" in s[0]
+                      else None,
+                      "flops": {k: cell([x["flops"][k] for x in s]) for k in FLOPS}}
     sft = methods.get("sft")
     for row in methods.values():  # differences and ratios of the means
         row["avg_minus_sft"] = row["test_avg"]["mean"] - sft["test_avg"]["mean"] if sft else None
         row["flops_over_sft"] = {k: row["flops"][k]["mean"] / sft["flops"][k]["mean"] if sft else None
-                                 for k in ("train", "eval", "total")}
+                                 for k in ("train", "total", "paper_total")}
     return {"signal": signal, "tasks": tasks, "methods": methods,
             "unfinished": [r["name"] for rs in runs.values() for r in rs if not r["summary"]]}
 
 
 def markdown(tbl: dict) -> str:
     acc = tbl["signal"] == "acc"
+
+    def epoch(row):
+        e = fmt(row["best_epoch"], digits=2)
+        return e if row["mixture_epoch"] is None else f"{fmt(row['mixture_epoch'], digits=2)} ({e} per task)"
     scale, digits = (100, 1) if acc else (1, 4)  # accuracy in %, as in the paper
 
     def fmt(c, scale=1, digits=4, form="f"):
@@ -155,7 +162,8 @@ def markdown(tbl: dict) -> str:
     lines = ["# Test score of the chosen checkpoint per task (cf. the paper's Table 2)", "",
              ("Accuracy in %" if acc else "Minus the mean gold-answer token loss (--signal loss; higher is better)")
              + " on the test split, of the checkpoint each method chose on the selection split; epoch: that "
-               "checkpoint's. Several seeds: mean ± sample std.", "",
+               "checkpoint's (continual SFT: in mixture-equivalent epochs, each task's weighted by its share, then "
+               "the sum of per-task epochs). Several seeds: mean ± sample std.", "",
              "| method | seeds | " + " | ".join(tbl["tasks"]) + " | avg | avg − SFT | epoch |",
              "|---" * (len(tbl["tasks"]) + 5) + "|"]
     for m, row in tbl["methods"].items():
@@ -163,14 +171,20 @@ def markdown(tbl: dict) -> str:
         delta = "—" if m == "sft" or d is None else f"{d * scale:+.{digits}f}"
         lines.append(f"| {m} | {', '.join(map(str, row['seeds']))} | "
                      + " | ".join(fmt(row["test_scores"][t], scale, digits) for t in tbl["tasks"])
-                     + f" | {fmt(row['test_avg'], scale, digits)} | {delta} | {fmt(row['best_epoch'], digits=2)} |")
+                     + f" | {fmt(row['test_avg'], scale, digits)} | {delta} | {epoch(row)} |")
     lines += ["", "# FLOPs per method (cf. the paper's Table 7)", "",
-              "6·N·D for training, 2·N·D for evaluation, over the tokens each run processed (flops.py).", "",
-              "| method | train | eval | total | train / SFT | eval / SFT | total / SFT |", "|---" * 7 + "|"]
+              "6·N·D for training, 2·N·D for evaluation (flops.py). compute: the tokens each run processed (our "
+              "evaluator computes a shared few-shot prefix once); paper: Appendix F's count of the same run (every "
+              "evaluated prompt whole with its generated tokens; mSFT's excluded tasks once a stage). The final "
+              "report on the test split is its own column, in neither total.", "",
+              "| method | train | eval, compute | total, compute | eval, paper | total, paper | total / SFT, compute | "
+              "total / SFT, paper | test report |", "|---" * 9 + "|"]
     for m, row in tbl["methods"].items():
-        ratios = [f"{x:.2f}x" if x is not None else "—" for x in row["flops_over_sft"].values()]
-        cells = [fmt(row["flops"][k], digits=3, form="e") for k in ("train", "eval", "total")] + ratios
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        r = row["flops_over_sft"]
+        ratios = [f"{r[k]:.2f}x" if r[k] is not None else "—" for k in ("total", "paper_total")]
+        cells = [fmt(row["flops"][k], digits=3, form="e") for k in ("train", "eval", "total", "paper_eval",
+                                                                       "paper_total")]
+        lines.append(f"| {m} | " + " | ".join(cells + ratios) + f" | {fmt(row['flops']['test'], digits=3, form='e')} |")
     if "sft" not in tbl["methods"]:
         lines += ["", "No finished sft run: the columns relative to SFT are empty."]
     if tbl["unfinished"]:

@@ -261,6 +261,7 @@ class Run:
         self.new_optimizer()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.flops = flops.FlopCounter(self.n_params)
+        self.paper_last, self.excluded = {}, []  # Appendix F's count: each task's latest evaluation, mSFT's excluded
         self.step = 0
         self.tokens = 0
         self.t0 = time.time()
@@ -297,6 +298,19 @@ class Run:
 
     def log(self, event: dict):
         event = {"event": event["event"], "step": self.step, "time": round(time.time(), 3), **event}
+        if event["event"] == "eval":  # its cost, both ways (flops.py)
+            event["eval_tokens"] = sum(r["tokens"] for r in self.last_eval.values())
+            event["paper_tokens"] = {t: r["paper_tokens"] for t, r in self.last_eval.items()}
+            self.paper_last.update(event["paper_tokens"])
+            # Appendix F counts mSFT's evaluation of the active tasks at every checkpoint, of the excluded ones once a
+            # stage (below); the other methods' of every task evaluated
+            counted = event["active"] if self.args.method == "msft" else event["evaluated"]
+            self.flops.add("paper_eval", sum(event["paper_tokens"].get(t, 0) for t in counted))
+        elif event["event"] == "decision" and self.args.method == "msft" and event["kind"] in ("drop", "no_drop"):
+            self.excluded += event["excluded"]
+            self.flops.add("paper_eval", sum(self.paper_last[t] for t in self.excluded))
+        if "flops" in event:  # a method's last decision: its cost with the evaluation logged just before it
+            event["flops"], event["flop_tokens"] = self.flops.report(), dict(self.flops.tokens)
         self.log_lines += 1
         if self.rank == 0:
             self.log_file.write(json.dumps(event) + "\n")
@@ -434,24 +448,27 @@ class Run:
 
     def lookahead(self, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """DynamixSFT's probe: each example's loss before and after one plain gradient step (the run's lr, no
-        optimizer state) on `items`, then the parameters put back; (pre (B,), post (B,), tokens)."""
+        optimizer state) on `items`, then the parameters put back; (pre (B,), post (B,), tokens). In fp32 whatever
+        the training precision: at lr 1e-5 a bf16 step rounds most updates away, and the rewards with them."""
         params = list(self.model.parameters())
         saved = [p.detach().clone() for p in params]
-        idx, targets = data.collate([self.train_enc[t][i] for t, i in items], self.pad)
-        idx, targets = idx.to(self.device), targets.to(self.device)
+        idx, targets = (x.to(self.device) for x in data.collate([self.train_enc[t][i] for t, i in items], self.pad))
         n = (targets != -100).sum(1)
-        with self.autocast:
-            pre = example_losses(self.model(idx), targets)
-        (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.sub_(p.grad, alpha=self.args.lr)
-            with self.autocast:
-                post = example_losses(self.model(idx), targets)
-            for p, s in zip(params, saved):
-                p.copy_(s)
-                p.grad = None
+        self.model.float()
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                pre = example_losses(self.model(idx), targets)
+                (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.sub_(p.grad, alpha=self.args.lr)
+                    post = example_losses(self.model(idx), targets)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):  # the weights as they were, in their own dtype
+                    p.data = s
+                    p.grad = None
         return pre.detach() / n, post / n, sum(len(self.train_enc[t][i][0]) - 1 for t, i in items)
 
     def evaluate(self, tasks: list[str], split: str | None = None, final: bool = False) -> dict[str, float]:
@@ -466,6 +483,8 @@ class Run:
                            max_new_tokens=a.max_new_tokens, signal=a.signal)
         self.model.train()
         self.flops.add("test" if final else "eval", sum(r["tokens"] for r in res.values()))
+        if final:
+            self.flops.add("paper_test", sum(r["paper_tokens"] for r in res.values()))
         self.last_eval = res
         return {t: (r["acc"] if a.signal == "acc" else -r["loss"]) for t, r in res.items()}
 
@@ -512,7 +531,7 @@ class Run:
                 "tag": tag, "sharded": self.fsdp, "world": self.world, "fingerprint": self.fingerprint,
                 "loop": state.to_json() if hasattr(state, "to_json") else state,
                 "sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch,
-                "step": self.step, "tokens": self.tokens,
+                "step": self.step, "tokens": self.tokens, "paper_last": self.paper_last, "excluded": self.excluded,
                 "flops": self.flops.state_dict(), "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
         parallel.barrier()
         if self.holds_snapshots:  # what the new state.json does not name is an older checkpoint: each rank its own
@@ -560,6 +579,7 @@ class Run:
                 self.opt.state[p] = st
         self.sampler.load_state_dict(s["sampler"])
         self.segment, self.epoch, self.step, self.tokens = s["segment"], s["epoch"], s["step"], s["tokens"]
+        self.paper_last, self.excluded = s["paper_last"], s["excluded"]
         self.flops.load_state_dict(s["flops"])
         self.t0 = time.time() - s["elapsed"]
         self.open_log(s["log_lines"])
@@ -721,6 +741,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     parallel.barrier()
     if run.rank == 0:
         summary = {"args": vars(args), "method": args.method, "tasks": run.tasks, "best_epoch": best["epoch"],
+                   **({"best_mixture_epoch": best["mixture_epoch"]} if "mixture_epoch" in best else {}),
                    "selection_avg": best["avg"], "test_scores": scores, "test_avg": final["test_avg"],
                    "final_epoch": last["epoch"], "final_test_scores": final_scores,
                    "final_test_avg": final["final_test_avg"], "flops": final["flops"],

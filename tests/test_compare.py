@@ -55,7 +55,8 @@ def write_run(root: Path, name, method, seed, scores, avg, epoch, fl, log, signa
     folder.mkdir(parents=True)
     (folder / "args.json").write_text(json.dumps({"method": method, "seed": seed, "signal": signal}))
     final = {"event": "final", "best_epoch": epoch, "best_avg": 0.0, "scores": scores, "test_avg": avg,
-             "flops": {"train": fl[0], "eval": fl[1], "total": fl[0] + fl[1]}, "peak_snapshots": 2}
+             "flops": {"train": fl[0], "eval": fl[1], "total": fl[0] + fl[1], "paper_eval": 2 * fl[1],
+                       "paper_total": fl[0] + 2 * fl[1], "test": 50}, "peak_snapshots": 2}
     (folder / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log + [final] * finished))
     if finished:
         summary = {"args": {"seed": seed}, "method": method, "tasks": sorted(scores), "best_epoch": epoch,
@@ -87,13 +88,15 @@ def test_table_holds_the_logged_numbers_mean_and_std(seeded):
     assert sft["flops"]["total"]["values"] == [700, 720]
     assert msft["flops_over_sft"]["total"] == pytest.approx(370 / 710)
     assert msft["flops_over_sft"]["train"] == pytest.approx(310 / 600)
-    assert msft["flops_over_sft"]["eval"] == pytest.approx(60 / 110)
+    assert msft["flops_over_sft"]["paper_total"] == pytest.approx(430 / 820)
     md = (seeded / "table.md").read_text()
     # accuracy in %: sft a 55.0 ± 7.1, b 75.0 ± 7.1, avg 65.0 ± 7.1, epoch 0.75 ± 0.35
     assert "| sft | 20, 21 | 55.0 ± 7.1 | 75.0 ± 7.1 | 65.0 ± 7.1 | — | 0.75 ± 0.35 |" in md
     assert "| msft | 20, 21 | 85.0 ± 7.1 | 70.0 ± 14.1 | 77.5 ± 3.5 | +12.5 | 1.25 ± 0.35 |" in md
-    assert "| sft | 6.000e+02 ± 0.0e+00 | 1.100e+02 ± 1.4e+01 | 7.100e+02 ± 1.4e+01 | 1.00x | 1.00x | 1.00x |" in md
-    assert "| msft | 3.100e+02 ± 1.4e+01 | 6.000e+01 ± 0.0e+00 | 3.700e+02 ± 1.4e+01 | 0.52x | 0.55x | 0.52x |" in md
+    assert ("| sft | 6.000e+02 ± 0.0e+00 | 1.100e+02 ± 1.4e+01 | 7.100e+02 ± 1.4e+01 | 2.200e+02 ± 2.8e+01 | "
+            "8.200e+02 ± 2.8e+01 | 1.00x | 1.00x | 5.000e+01 ± 0.0e+00 |") in md
+    assert ("| msft | 3.100e+02 ± 1.4e+01 | 6.000e+01 ± 0.0e+00 | 3.700e+02 ± 1.4e+01 | 1.200e+02 ± 0.0e+00 | "
+            "4.300e+02 ± 1.4e+01 | 0.52x | 0.52x | 5.000e+01 ± 0.0e+00 |") in md
 
 
 def test_report_mode_single_seed_loss_signal_and_unfinished(tmp_path, capsys):
@@ -105,7 +108,7 @@ def test_report_mode_single_seed_loss_signal_and_unfinished(tmp_path, capsys):
     assert md in capsys.readouterr().out
     assert "| sft | 20 | -1.2500 | -0.5000 | -0.8750 | — | 0.50 |" in md  # one seed: no ±
     assert "| msft | 20 | -1.0000 | -0.2500 | -0.6250 | +0.2500 | 1.50 |" in md
-    assert "| msft | 3.000e+02 | 5.000e+01 | 3.500e+02 | 0.50x | 0.50x | 0.50x |" in md
+    assert "| msft | 3.000e+02 | 5.000e+01 | 3.500e+02 | 1.000e+02 | 4.000e+02 | 0.50x | 0.50x | 5.000e+01 |" in md
     assert "Unfinished runs, not in the tables: msft-seed21." in md
     assert json.loads((tmp_path / "table.json").read_text())["methods"]["msft"]["seeds"] == [20]
 

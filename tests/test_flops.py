@@ -1,6 +1,7 @@
 """Pins flops.py by hand counts: the parameter count N of a small config written out here (and of transformers' own
 models, and of the real SmolLM2 checkpoint's tensors), the per-token formula against torch's FLOP counter on our
-model, FlopCounter's 6ND / 2ND / 8ND sums, and an mSFT run whose counted FLOPs equal Appendix F's per-stage sum."""
+model, FlopCounter's sums, and a real mSFT run whose FLOPs equal 6N x its logged training tokens + 2N x its
+logged evaluation tokens, and Appendix F's per-stage count from the examples' own lengths."""
 import json
 import math
 
@@ -77,11 +78,14 @@ def test_flop_counter_sums_and_checks():
     c.lookahead(2)   # 8 x 1000 x 2 = 16,000
     c.eval(5)        # 2 x 1000 x 5 = 10,000
     c.add("test", 4)  # 2 x 1000 x 4 = 8,000: the final report, never in the total
-    assert c.report() == {"train": 82_000, "eval": 10_000, "total": 92_000, "test": 8_000}
+    c.add("paper_eval", 7)  # 2 x 1000 x 7 = 14,000: the same evaluation as Appendix F counts it
+    assert c.report() == {"train": 82_000, "eval": 10_000, "total": 92_000, "test": 8_000, "paper_eval": 14_000,
+                          "paper_total": 96_000, "paper_test": 0}
     again = flops.FlopCounter(1000)
     again.load_state_dict(c.state_dict())
     assert again.report() == c.report()
-    assert again.tokens == {"train": 10, "forward": 3, "lookahead": 2, "eval": 5, "test": 4}
+    assert again.tokens == {"train": 10, "forward": 3, "lookahead": 2, "eval": 5, "test": 4, "paper_eval": 7,
+                            "paper_test": 0}
     for bad in (-1, 1.5, math.nan, "7"):
         with pytest.raises(ValueError, match="train tokens must be a whole number >= 0"):
             c.train(bad)
@@ -91,48 +95,71 @@ def test_flop_counter_sums_and_checks():
         flops.FlopCounter(999).load_state_dict(c.state_dict())
 
 
-def test_msft_run_costs_appendix_f():
-    """Appendix F's mSFT sum, stage by stage: 6N C D_train(active) + 2N (C / interval) D_val(active)
-    + 2N D_val(excluded), plus the base model's evaluation; excluded tasks evaluated once per stage ("rollback")."""
-    train_tokens = {"a": 100, "b": 300}  # per epoch of each task
-    val_tokens = {"a": 10, "b": 20}      # per evaluation of each task
-    counter = flops.FlopCounter(7)
-    own = {"a": 0.0, "b": 0.0}
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """The demo's tasks cut to 40 training, 8 selection and 8 test rows each, with the demo's model."""
+    import data
+    import train
+    demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
+    train.demo_checkpoint(demo)
+    out = tmp_path_factory.mktemp("mix")
+    manifest = json.loads((demo / "manifest.json").read_text())
+    for task in manifest["tasks"]:
+        (out / task).mkdir()
+        for split, n in (("train", 40), ("selection", 8), ("test", 8)):
+            rows = (demo / task / f"{split}.jsonl").read_text().splitlines()[:n]
+            (out / task / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
+            manifest["tasks"][task]["sizes"][split] = n
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out, demo / "model"
 
-    class Hooks:  # a peaks after 0.5 epochs; b keeps improving
-        at = [None, 0.0]  # the segment trained and the epoch it reached
 
-        def train(self, active, origin, until):
-            if self.at[0] != (active, origin):
-                self.at = [(active, origin), origin]
-            epochs, self.at[1] = until - self.at[1], until
-            counter.train(sum(epochs * train_tokens[t] for t in active))
-            for t in active:
-                own[t] += epochs
+def test_a_real_msft_run_costs_what_its_log_and_appendix_f_say(tmp_path, mix):
+    """A real mSFT run (the real evaluator, the loss signal, no shots): its compute FLOPs are 6 N x the training
+    tokens plus 2 N x the tokens each logged evaluation ran; its paper FLOPs are Appendix F's, counted here from the
+    log and from the examples' own lengths: every checkpoint evaluates the active tasks' prompts whole with their
+    targets, and each stage's roll-back checkpoint the excluded tasks' once; the test split's report is apart."""
+    import data
+    import train
+    folder, model = mix
+    n = sum(p.numel() for p in Transformer.from_pretrained(model).parameters())
+    reported = {}
+    for eval_excluded in ("every", "rollback"):
+        args = train.parse_args(["--method", "msft", "--out", str(tmp_path / eval_excluded), "--budget", "0.5",
+                                 "--interval", "0.25", "--max-stages", "5", "--signal", "loss", "--shots", "0",
+                                 "--batch-size", "10", "--lr", "1e-2", "--eval-excluded", eval_excluded])
+        final = train.train(args, model, folder)
+        log = [json.loads(line) for line in (tmp_path / eval_excluded / "log.jsonl").read_text().splitlines()]
+        reported[eval_excluded] = check_costs(final, log, n, folder, model)
+    # the excluded tasks' scores change no decision: the same run, evaluated less, costs the same by Appendix F
+    every, rollback = reported["every"], reported["rollback"]
+    assert rollback["paper_eval"] == every["paper_eval"] and rollback["train"] == every["train"]
+    assert rollback["eval"] < every["eval"]
 
-        def evaluate(self, which):
-            counter.eval(sum(val_tokens[t] for t in which))
-            return {t: -(own[t] - 0.5) ** 2 if t == "a" else own[t] for t in which}
 
-        def snapshot(self):
-            return {"own": torch.tensor([own["a"], own["b"]])}
-
-        def restore(self, params):
-            own["a"], own["b"] = params["own"].tolist()
-            self.at = [None, 0.0]
-
-        def log(self, event):
-            pass
-
-        def checkpoint(self, state):
-            pass
-
-    state = msft.run_msft(["a", "b"], Hooks(), budget=1.0, interval=0.25, max_epochs=2.0,
-                          store=msft.SnapshotStore(), eval_excluded="rollback")
-    assert state.excluded == ["a"] and state.epoch == 2.0
-    # stage 1 (0 -> 1, a and b; a dropped, back to 0.5); stage 2 (0.5 -> 1.5, b; then a once); stage 3 (1.5 -> 2.0,
-    # cut by max_epochs: b, 2 evaluations; then a once)
-    train = 1.0 * 400 + 1.0 * 300 + 0.5 * 300
-    evals = 30 + 4 * 30 + (4 * 20 + 10) + (2 * 20 + 10)
-    assert counter.report() == {"train": 6 * 7 * train, "eval": 2 * 7 * evals, "total": 6 * 7 * train + 2 * 7 * evals,
-                                "test": 0}
+def check_costs(final, log, n, folder, model):
+    import data
+    tok, eos = data.load_tokenizer(model)
+    mixture = data.load_mixture(folder)
+    length = {s: {t: sum(len(ids) for ids, _ in data.encode_examples(tok, eos, m[s], 512)) for t, m in mixture.items()}
+              for s in ("selection", "test")}  # a prompt with its target and EOS, as the loss signal reads them
+    evals = [e for e in log if e["event"] == "eval"]
+    decisions = [e for e in log if e["event"] == "decision" and e["kind"] in ("drop", "no_drop")]
+    assert any(d["kind"] == "drop" for d in decisions) and len(decisions) >= 2
+    excluded, paper = [], 0
+    for e in log:
+        if e["event"] == "eval":
+            assert e["paper_tokens"] == {t: length["selection"][t] for t in e["evaluated"]}
+            paper += sum(length["selection"][t] for t in e["active"] if t in e["evaluated"])
+        elif e in decisions:
+            excluded += e["excluded"]
+            paper += sum(length["selection"][t] for t in excluded)
+    train_tokens = sum(e["tokens"] for e in log if e["event"] == "train")
+    f = final["flops"]
+    assert f["train"] == 6 * n * train_tokens
+    assert f["eval"] == 2 * n * sum(e["eval_tokens"] for e in evals)
+    assert f["paper_eval"] == 2 * n * paper and f["paper_total"] == f["train"] + f["paper_eval"]
+    reports = 1 + (final["scores"] != final["final_scores"])  # the final model, and the best when another
+    assert f["paper_test"] == 2 * n * reports * sum(length["test"].values())
+    assert f["total"] == f["train"] + f["eval"]  # the test split is never in a total
+    return f
