@@ -10,8 +10,6 @@ A mixture folder comes from `python data.py prepare`. The run writes to --out: l
 happens), summary.json, model/ (the chosen checkpoint, loadable by transformers), snapshots/ and state/ (for resume).
 """
 import argparse
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -24,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 import baselines
 import cli
@@ -32,6 +29,7 @@ import data
 import flops
 import msft
 import parallel
+import runfolder
 from evaluate import evaluate
 from model import ModelConfig, Transformer, resolve_checkpoint
 from parallel import print0
@@ -189,17 +187,6 @@ def example_losses(logits, targets):
     return ce.view(targets.shape).sum(1)
 
 
-def write_text(path: Path, text: str):
-    """Written to a temporary name and renamed: a kill or a full disk never leaves half a file under the name."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
 # -----------------------------------------------------------------------------
 # the run: model, data, optimizer and the primitives every method is written with
 
@@ -246,7 +233,7 @@ class Run:
             shard = lambda m: parallel.shard(m, param_dtype=torch.bfloat16 if bf16_compute else None,
                                              reduce_dtype=dtype)
         self.model = Transformer.from_pretrained(model_dir, device=self.device, dtype=dtype, prepare=shard)
-        self.save_dtype = source_dtype(model_dir) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+        self.save_dtype = runfolder.source_dtype(model_dir) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
         if self.tok.get_vocab_size() > self.model.config.vocab_size:
             raise SystemExit(f"{model_dir}: the tokenizer has {self.tok.get_vocab_size()} tokens but the model's "
                              f"vocabulary is {self.model.config.vocab_size}")
@@ -267,7 +254,7 @@ class Run:
         self.t0 = time.time()
         self.log_file = None
         self.model_dir = model_dir
-        self.fingerprint = fingerprint(data_dir, self.tasks, model_dir)
+        self.fingerprint = runfolder.fingerprint(data_dir, self.tasks, model_dir)
         # the console: a line every --log-every steps or 15 s, its ETA from this process's own training and
         # evaluation rates (seconds an epoch, seconds an evaluation)
         self.printed, self.epoch_seconds, self.eval_seconds, self.eval_started = time.time(), None, None, time.time()
@@ -292,7 +279,7 @@ class Run:
                 if len(lines) < keep_lines:
                     raise SystemExit(f"--resume: {path} has {len(lines)} lines but the checkpoint in {self.out}/state "
                                      f"was taken after {keep_lines}: the log is not this run's, or was cut")
-                write_text(path, "".join(lines[:keep_lines]))  # whole or not at all, as every rewrite here
+                runfolder.write_text(path, "".join(lines[:keep_lines]))  # whole or not at all, as every rewrite here
             self.log_file = open(path, "a")
         self.log_lines = keep_lines or 0
 
@@ -385,7 +372,7 @@ class Run:
         loss = parallel.all_sum(loss_sum, self.device)
         if not math.isfinite(loss):
             self.log({"event": "error", "message": f"loss is {loss} at step {self.step + 1}"})
-            epoch = self.export_last_good()
+            epoch = runfolder.export_last_good(self)
             raise SystemExit(f"stopping: the loss is {loss} at step {self.step + 1}. The last good checkpoint "
                              f"(epoch {epoch:.2f}) is in {self.out}/model; continue from it with a smaller "
                              f"learning rate: the same command with --resume --lr {self.args.lr / 10:g}")
@@ -509,107 +496,8 @@ class Run:
         self.new_optimizer()
 
     def checkpoint(self, state):
-        """Everything needed to continue after this evaluation. The tensors go to new files (under FSDP one per
-        rank, its shards); state.json, replaced atomically by rank 0 once every rank's files are written, names
-        them and is the commit point: a kill at any moment leaves the previous checkpoint whole."""
-        folder = self.out / "state"
-        tag = f"{self.log_lines:09d}"  # the same on every rank, and new at every checkpoint of this run's log
-        if self.holds_snapshots:
-            folder.mkdir(exist_ok=True)
-            opt = {}
-            for i, p in enumerate(self.model.parameters()):
-                for k, v in self.opt.state.get(p, {}).items():
-                    v = parallel.local(v).detach().cpu()
-                    opt[f"{i}.{k}"] = v.reshape(-1) if v.dim() == 0 else v
-            for name, tensors in (("model", self.snapshot()), ("optimizer", opt)):
-                path = folder / self.state_file(name, tag)
-                save_file(tensors, path.with_name(path.name + ".tmp"))
-                os.replace(path.with_name(path.name + ".tmp"), path)
-        parallel.barrier()
-        if self.rank == 0:
-            write_json(folder / "state.json", {
-                "tag": tag, "sharded": self.fsdp, "world": self.world, "fingerprint": self.fingerprint,
-                "loop": state.to_json() if hasattr(state, "to_json") else state,
-                "sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch,
-                "step": self.step, "tokens": self.tokens, "paper_last": self.paper_last, "excluded": self.excluded,
-                "flops": self.flops.state_dict(), "log_lines": self.log_lines, "elapsed": time.time() - self.t0})
-        parallel.barrier()
-        if self.holds_snapshots:  # what the new state.json does not name is an older checkpoint: each rank its own
-            keep = {self.state_file(name, tag) for name in ("model", "optimizer")}
-            for f in folder.glob(self.state_file("*", "*")):
-                if f.name not in keep:
-                    f.unlink()
-
-    def export_last_good(self) -> float:
-        """After a NaN: the last committed checkpoint's parameters into OUT/model (loadable), its epoch returned."""
-        path = self.out / "state"
-        s = json.loads((path / "state.json").read_text())
-        self.restore(load_file(path / self.state_file("model", s["tag"])) if self.holds_snapshots or not self.fsdp
-                     else {})
-        save_model(self, self.model_dir, self.out / "model")
-        return s["epoch"]
-
-    def state_file(self, name: str, tag: str) -> str:
-        return f"{name}-{tag}" + (f"-rank{self.rank:05d}-of-{self.world:05d}" if self.fsdp else "") + ".safetensors"
-
-    def load_checkpoint(self) -> dict:
-        path = self.out / "state"
-        s = json.loads((path / "state.json").read_text())
-        changed = [k for k in self.fingerprint if s["fingerprint"].get(k) != self.fingerprint[k]]
-        if changed:
-            what = {"data": f"the mixture in --data {self.args.data}", "model": f"the checkpoint {self.model_dir}"}
-            raise SystemExit(f"--resume: {' and '.join(what[k] for k in changed)} changed since the run in "
-                             f"{self.out} began (files differ from its fingerprint): resume with the same files, or "
-                             f"start a new run in another --out")
-        if s["sharded"] and s["world"] != self.world:
-            raise SystemExit(f"--resume: {path} holds FSDP shards of {s['world']} ranks; resume it with "
-                             f"--nproc_per_node x nodes = {s['world']}")
-        holder = self.holds_snapshots or not self.fsdp  # without FSDP every rank reads rank 0's whole files
-        self.restore(load_file(path / self.state_file("model", s["tag"])) if holder else {})
-        opt = load_file(path / self.state_file("optimizer", s["tag"]))
-        for i, p in enumerate(self.model.parameters()):
-            st = {k.split(".", 1)[1]: v.to(self.device) for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
-            if st:
-                st["step"] = st["step"].reshape(())
-                if hasattr(p, "to_local"):  # this rank's shard of each moment, as a DTensor like its parameter
-                    from torch.distributed.tensor import DTensor
-                    st = {k: v if k == "step" else DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                                                      shape=p.shape, stride=p.stride())
-                          for k, v in st.items()}
-                self.opt.state[p] = st
-        self.sampler.load_state_dict(s["sampler"])
-        self.segment, self.epoch, self.step, self.tokens = s["segment"], s["epoch"], s["step"], s["tokens"]
-        self.paper_last, self.excluded = s["paper_last"], s["excluded"]
-        self.flops.load_state_dict(s["flops"])
-        self.t0 = time.time() - s["elapsed"]
-        self.open_log(s["log_lines"])
-        return s["loop"]
-
-
-def fingerprint(data_dir: Path, tasks: list[str], model_dir: Path) -> dict[str, str]:
-    """sha256 digests that --resume compares: the mixture (manifest and every split file of the run's tasks), and
-    the checkpoint (config, tokenizer, each weight file's header and its first and last MiB: a changed file, not a
-    full read of 15 GB)."""
-    def digest(paths, sample=False):
-        h = hashlib.sha256()
-        for p in paths:
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                if not sample:
-                    h.update(f.read())
-                    continue
-                size = os.fstat(f.fileno()).st_size
-                head = int.from_bytes(f.read(8), "little")  # safetensors: the JSON header's length
-                f.seek(0)
-                h.update(f.read(min(size, 8 + head + 2**20)))
-                f.seek(max(0, size - 2**20))
-                h.update(f.read() + str(size).encode())
-        return h.hexdigest()
-    from model import safetensors_files
-    data_files = [data_dir / "manifest.json"] + [data_dir / t / f"{s}.jsonl" for t in tasks for s in data.SPLITS]
-    config = [p for p in (model_dir / "config.json", model_dir / "tokenizer.json") if p.is_file()]
-    return {"data": digest(data_files), "model": digest(config) + digest(safetensors_files(model_dir), sample=True)}
-
+        """Everything needed to continue after this evaluation (runfolder.save_state); msft.run_msft's hook."""
+        runfolder.save_state(self, state)
 
 # -----------------------------------------------------------------------------
 # the methods: each says which tasks are trained, with what weight, and when it rolls back. Each returns the global
@@ -679,7 +567,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     out = Path(args.out)
     parallel.setup(args.device)
     if parallel.rank() == 0:
-        lock_folder(out)  # one writer per run folder, held until this process ends
+        runfolder.lock_folder(out)  # one writer per run folder, held until this process ends
     state_json = out / "state" / "state.json"
     if (out / "summary.json").is_file():
         raise SystemExit(f"{out} holds a finished run (summary.json): choose another --out, or remove it")
@@ -700,7 +588,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
             raise SystemExit(f"--resume with other arguments than the run in {out}: {diff} (saved, given); "
                              f"only --lr may change")
     elif parallel.rank() == 0:  # a fresh start: whatever a run killed before its first checkpoint left goes
-        clear_folder(out)
+        runfolder.clear_folder(out)
     parallel.barrier()
     run = Run(args, model_dir, data_dir)
     check_interval(run)
@@ -709,13 +597,13 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     state = None
     if args.resume:
         lr = saved["lr"]
-        state = run.load_checkpoint()
+        state = runfolder.load_state(run)
         if lr != args.lr:
             run.log({"event": "change", "lr": [lr, args.lr], "epoch": run.epoch})
     else:
         run.open_log()
     if run.rank == 0:
-        write_json(out / "args.json", vars(args))
+        runfolder.write_json(out / "args.json", vars(args))
     print0(f"{args.method}: {len(run.tasks)} tasks {run.tasks}, {sum(map(len, run.train_enc.values()))} training "
            f"examples (dropped as too long: {sum(run.dropped.values())}), {run.n_params / 1e6:.1f}M parameters, "
            f"world {run.world}, device {run.device}, precision {args.precision}, compile {run.compile}")
@@ -726,7 +614,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     # the report (SPEC 3): the global best and the final model, each scored on the test split
     final_scores = run.evaluate(run.tasks, split="test", final=True)
     if args.save_final:
-        save_model(run, model_dir, out / "final-model")
+        runfolder.save_model(run, model_dir, out / "final-model")
     if best["id"] != last["id"]:
         run.restore(store.load(best["id"]))
         scores = run.evaluate(run.tasks, split="test", final=True)
@@ -737,7 +625,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
              "test_avg": mean(scores), "final_epoch": last["epoch"], "final_scores": final_scores,
              "final_test_avg": mean(final_scores), "flops": run.flops.report(), "peak_snapshots": store.peak_held}
     run.log(final)
-    save_model(run, model_dir, out / "model")
+    runfolder.save_model(run, model_dir, out / "model")
     parallel.barrier()
     if run.rank == 0:
         summary = {"args": vars(args), "method": args.method, "tasks": run.tasks, "best_epoch": best["epoch"],
@@ -747,7 +635,7 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
                    "final_test_avg": final["final_test_avg"], "flops": final["flops"],
                    "peak_snapshots": store.peak_held, "steps": run.step, "train_tokens": run.tokens,
                    "dropped_too_long": run.dropped, "n_params": run.n_params, "wall_time_s": time.time() - run.t0}
-        write_json(out / "summary.json", summary)  # the run is finished from here on
+        runfolder.write_json(out / "summary.json", summary)  # the run is finished from here on
         if not args.keep_state:  # the resume state and the snapshots: model/ holds what the run chose
             for folder in ("state", "snapshots"):
                 shutil.rmtree(out / folder, ignore_errors=True)
@@ -755,62 +643,6 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
                f"{last['epoch']:.2f}: {final['final_test_avg']:.4f}), {final['flops']['total']:.3e} FLOPs -> "
                f"{out}/summary.json, {out}/model")
     return final
-
-
-_LOCKS = {}  # folder -> the open lock file this process holds
-
-
-def lock_folder(out: Path):
-    """An exclusive lock on OUT/lock, held until this process ends (the OS releases it on a kill too): a second
-    process that wants to write the same folder is refused, naming the holder's pid."""
-    key = out.resolve()
-    if key in _LOCKS:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / "lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise SystemExit(f"{out} is in use by another run (pid {holder}): wait for it or stop it, or choose another "
-                         "--out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _LOCKS[key] = f
-
-
-def clear_folder(out: Path):
-    """Everything in OUT but its lock: a fresh start in a folder a killed run left without a checkpoint."""
-    for p in out.iterdir():
-        if p.name != "lock":
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def save_model(run: Run, model_dir: Path, folder: Path):
-    """The model as it is, in hub layout in --save-dtype, with the source checkpoint's tokenizer files: transformers
-    loads it. A sharded model is gathered one tensor at a time, and rank 0 writes each shard file as it fills."""
-    tensors = parallel.full_tensors(run.model.state_dict())
-    if run.rank != 0:
-        for _ in tensors:  # every rank takes part in every gather
-            pass
-        return
-    run.model.save_pretrained(folder, dtype=run.save_dtype, tensors=tensors)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (model_dir / f).is_file():
-            shutil.copy(model_dir / f, folder / f)
-
-
-def source_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype the source checkpoint stores its weights in (that of its first tensor)."""
-    from safetensors import safe_open
-    from model import safetensors_files
-    with safe_open(safetensors_files(model_dir)[0], framework="pt") as st:
-        kind = st.get_slice(next(iter(st.keys()))).get_dtype()
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(kind, torch.float32)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -848,8 +680,8 @@ def demo(args, given: set[str]):
         a = argparse.Namespace(**vars(args))
         a.method, a.out = method, str(root / method)
         if not a.resume and parallel.rank() == 0:  # the demo starts afresh, but never under a live run
-            lock_folder(Path(a.out))
-            clear_folder(Path(a.out))
+            runfolder.lock_folder(Path(a.out))
+            runfolder.clear_folder(Path(a.out))
         parallel.barrier()
         results[method] = train(a, data_dir / "model", data_dir)
     if "sft" in results:  # the heterogeneous overfitting mSFT is for: every task peaks at its own epoch
@@ -868,7 +700,7 @@ def demo(args, given: set[str]):
             if e["event"] == "decision" and e["kind"] == "drop":
                 print0(f"mSFT stage {e['stage']}: excluded {', '.join(e['excluded'])}, rolled back to epoch "
                        f"{e['rollback_epoch']:.2f}")
-    print0(f"\n| method | chosen epoch | selection avg | test avg | FLOPs |\n|---|---|---|---|---|")
+    print0("\n| method | chosen epoch | selection avg | test avg | FLOPs |\n|---|---|---|---|---|")
     for m, r in results.items():
         print0(f"| {m} | {r['best_epoch']:.2f} | {r['best_avg']:.4f} | {r['test_avg']:.4f} | {r['flops']['total']:.3e} |")
     return results
