@@ -59,3 +59,30 @@ def test_gpu_sh_records_a_failed_part_and_exits_1(tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     assert report["failed"] == ["eval_openbookqa"] and report["parts"]["eval_openbookqa"]["exit"] not in (0, 124)
     assert "failed: ['eval_openbookqa']" in p.stdout
+
+
+def test_protocol_sh_tiny_runs_every_method_resumes_and_packs_the_results(tmp_path):
+    """bench/protocol.sh --tiny: the demo's model and mixture, every method as its own train.py at once, SRO and Soft
+    SRO on SFT's log, the two tables and the SFT peaks, one archive without weights; a second call finds every run
+    finished and launches none."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MSFT_PROTOCOL_RUNS": str(tmp_path / "runs")}
+    cmd = ["bash", "bench/protocol.sh", str(tmp_path / "out"), "--tiny", "--deadline", "400"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "out" / "protocol.log").read_text()
+    assert p.returncode == 0, p.stdout + p.stderr
+    methods = ["continual", "dynamix", "ies", "msft", "sft", "soft-sro", "sro"]
+    for m in methods:
+        summary = json.loads((tmp_path / "runs" / "main" / m / "summary.json").read_text())
+        assert summary["method"] == m and f"main/{m}: chosen epoch" in log
+    assert json.loads((tmp_path / "runs" / "c1" / "msft" / "summary.json").read_text())["args"]["budget"] == 0.1
+    sro = json.loads((tmp_path / "runs" / "main" / "sro" / "args.json").read_text())
+    assert sro["search_log"] == str(tmp_path / "runs" / "main" / "sft" / "log.jsonl")
+    assert "SFT per-task peak epochs" in log
+    table = json.loads((tmp_path / "runs" / "main" / "table.json").read_text())
+    assert sorted(table["methods"]) == methods and table["unfinished"] == []
+    listed = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "protocol.tar.gz")], capture_output=True,
+                            text=True).stdout.split()
+    assert "./main/msft/log.jsonl" in listed and "./main/table.md" in listed
+    assert not any("/model/" in f or "/state/" in f or f.endswith(".safetensors") for f in listed)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "start" not in again.stdout.replace("protocol:", "")
