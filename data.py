@@ -5,6 +5,9 @@ Make a mixture folder (OUT/manifest.json and OUT/<task>/{train,selection,test}.j
     python data.py prepare --source ../shared/data --out mixture          # local DIR/<task>/<split>.jsonl, hub schema
     python data.py prepare --source hub --out mixture --tasks gsm8k sciq  # from the hub (needs `pip install datasets`)
 
+OUT is replaced whole or not at all: written beside it under a temporary name, then renamed into place, so a failed
+or killed prepare leaves the old folder as it was. An OUT that holds anything but a mixture folder is refused.
+
 Split policy (per task, deterministic from --seed): every available labelled split is converted; if the hub's own
 test split has at least --test rows, our test split is drawn from it alone and its other rows are never used
 (official test rows stay out of training); otherwise all splits are pooled and test is cut from the pool first.
@@ -33,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,10 +302,14 @@ def prepare(source: str, out, tasks=None, n_train=1800, n_selection=200, n_test=
             raise ValueError(f"--source {source!r}: no task folders in it")
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks: a task is named twice in {names}")
+    out = Path(out).resolve()  # resolved: its siblings are where it really is
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not a mixture folder (no manifest.json); prepare replaces "
+                         "the folder whole, so give a new one")
 
-    out = Path(out)
     manifest = {"source": source if source == "hub" else str(root), "seed": seed,
                 "asked": {"train": n_train, "selection": n_selection, "test": n_test}, "tasks": {}}
+    files = {}  # name in the folder -> text, written once every task has converted
     for task in names:
         splits = _hub_splits(task) if source == "hub" else _dir_splits(root / task)
         entry = {"schema": task if task in TASKS else "plain", "sources": [], "skipped": []}
@@ -329,15 +337,32 @@ def prepare(source: str, out, tasks=None, n_train=1800, n_selection=200, n_test=
             entry["short"] = f"asked for train {n_train}, only {len(parts['train'])} rows left after test and selection"
             warnings.warn(f"{task}: {entry['short']}", stacklevel=2)
         entry["sizes"] = {s: len(parts[s]) for s in SPLITS}
-        (out / task).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             lines = [json.dumps({"question": ex.question, "answer": ex.answer,
                                  "choices": None if ex.choices is None else list(ex.choices),
                                  "rationale": ex.rationale}, ensure_ascii=False) for ex in parts[split]]
-            _write_atomic(out / task / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+            files[f"{task}/{split}.jsonl"] = "".join(line + "\n" for line in lines)
         manifest["tasks"][task] = entry
-    # written last: a folder with a manifest is a finished one
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    files["manifest.json"] = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+
+    # the folder is replaced whole or not at all: written under a temporary sibling name, then swapped in by
+    # renames. A kill leaves the old folder as it was (or, between the renames, as .old until the next success)
+    # and a temporary folder that the next prepare removes first.
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text, encoding="utf-8")
+    except OSError as e:  # a full disk: give back what was written, and name the folder (a failed write names none)
+        shutil.rmtree(tmp, ignore_errors=True)
+        e.filename = e.filename or str(out)
+        raise
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a killed prepare's, whose new folder is already in place
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
@@ -704,12 +729,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="convert benchmark rows into OUT/<task>/{train,selection,test}.jsonl",
                        description="Convert benchmark rows into a mixture folder, OUT/<task>/{train,selection,test}"
-                       ".jsonl\nand OUT/manifest.json. The split policy: python data.py --help",
+                       ".jsonl\nand OUT/manifest.json, replacing OUT whole. The split policy: python data.py --help",
                        epilog=hub_tasks, formatter_class=cli.HelpFormatter)
     # where the rows come from and where they go
     p.add_argument("--source", required=True,
                    help="'hub' (needs `pip install datasets`) or DIR with <task>/<split>.jsonl")
-    p.add_argument("--out", required=True, help="the mixture folder to write")
+    p.add_argument("--out", required=True, help="the mixture folder to write (a new folder, or a mixture to replace)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks to include (default: all ten, or every folder of DIR)")
     # split sizes per task (paper: 1,800 training examples per task)

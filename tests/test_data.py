@@ -3,14 +3,18 @@ for aqua_rat, winogrande and medmcqa; prompts and targets written out by hand), 
 back by evaluate.py's answer rule as its gold, the loss mask (decoded back to the target with the real SmolLM2
 tokenizer), the mixture sampler's properties (hypothesis), bad-input errors, `prepare` (manifest, policy,
 byte-for-byte determinism) and the padding figure on the real mixture (> 0.8 real tokens). At the door: `data.py`
-refuses bad flags and files with one line naming them, its --help lists the tasks and defaults, and manifest,
-tokenizer and JSON files that are not JSON or not UTF-8 are named.
+refuses bad flags and files with one line naming them, its --help lists the tasks and defaults, a mixture folder is
+replaced whole or not at all (a failure mid-way, a killed run's leftovers, a full disk on a small tmpfs), and
+manifest, tokenizer and JSON files that are not JSON or not UTF-8 are named.
 
 Run: cd /work/main && python -m pytest -q tests/test_data.py
 """
+import errno
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -448,7 +452,7 @@ def test_cli_on_a_users_own_task(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# at the door: flags, files that are not what they should be
+# at the door: flags, a folder replaced whole or not at all, files that are not what they should be
 
 def test_help_lists_the_tasks_with_their_hub_ids_and_the_defaults():
     for args in (["--help"], ["prepare", "--help"]):
@@ -478,6 +482,95 @@ def src(tmp_path):
 
 def small(src, out, **kw):
     return data.prepare(str(src), out, n_train=6, n_selection=2, n_test=2, **kw)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_prepare_leaves_the_old_folder_as_it_was(src, tmp_path, monkeypatch):
+    out = tmp_path / "mix"
+    small(src, out, seed=0)
+    before = snapshot(out)
+    # the third task fails to convert
+    dir_splits = data._dir_splits
+
+    def third_task_fails(folder):
+        if folder.name == "c":
+            raise ValueError("injected")
+        return dir_splits(folder)
+    monkeypatch.setattr(data, "_dir_splits", third_task_fails)
+    with pytest.raises(ValueError, match="injected"):
+        small(src, out, seed=1)
+    monkeypatch.undo()
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # the disk fills at the third file written: what was written is given back, and the error names the folder
+    write_text, written = Path.write_text, []
+
+    def full_at_third_file(path, *args, **kw):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, *args, **kw)
+    monkeypatch.setattr(Path, "write_text", full_at_third_file)
+    with pytest.raises(OSError, match="No space left") as e:
+        small(src, out, seed=1)
+    monkeypatch.undo()
+    assert e.value.filename == str(out.resolve())
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # a prepare that succeeds replaces the folder whole: the task it leaves out is gone, not left beside the others
+    small(src, out, seed=1, tasks=["a", "b"])
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) != before
+
+
+def test_a_killed_prepares_leftovers_go_with_the_next_prepare(src, tmp_path):
+    out = tmp_path / "mix"
+    # killed while writing: a temporary folder holding a file cut short
+    (tmp_path / ".mix.tmp" / "a").mkdir(parents=True)
+    (tmp_path / ".mix.tmp" / "a" / "train.jsonl").write_text('{"question": "cut sh')
+    small(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # killed between its two renames: the old folder set aside as .mix.old, no mix; kept until a prepare succeeds
+    before = snapshot(out)
+    os.replace(out, tmp_path / ".mix.old")
+    small(src, out, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) != before
+    # killed after them: a stale .mix.old beside the new mix
+    shutil.copytree(out, tmp_path / ".mix.old")
+    small(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) == before
+
+
+def test_an_out_folder_that_is_not_a_mixture_is_refused(src, tmp_path, refused):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    line = refused("data.py", "prepare", "--source", src, "--out", tmp_path / "notes", "--train", 6, "--selection", 2,
+                   "--test", 2)
+    assert f"--out {tmp_path / 'notes'}: exists and is not a mixture folder" in line
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_a_full_disk_leaves_the_old_mixture_and_says_so_in_one_line(src, tmp_path, refused):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if sys.platform != "linux" or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs Linux and mount")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        small(src, disk / "mix")
+        before = snapshot(disk / "mix")
+        write_jsonl(tmp_path / "big" / "long" / "train.jsonl", [  # ~120 KB of rows for a 64 KB disk
+            {"question": f"{n} " + "x" * 2000, "answer": "A", "choices": ["x", "y"]} for n in range(60)])
+        line = refused("data.py", "prepare", "--source", tmp_path / "big", "--out", disk / "mix", "--train", 50,
+                       "--selection", 5, "--test", 5)
+        assert line == f"error: {disk / 'mix'}: No space left on device"
+        assert snapshot(disk / "mix") == before and sorted(p.name for p in disk.iterdir()) == ["mix"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_bad_manifest_tokenizer_and_json_files_are_named(src, tmp_path, refused):
