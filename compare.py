@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli
 import data
 import train
 
@@ -451,7 +452,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the demo's tiny model)")
     p.add_argument("--data", default=None, help="mixture folder from `python data.py prepare` (default: the demo's)")
     p.add_argument("--out", default="runs/compare", help="where the run folders, tables and plots go")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
+    p.add_argument("--seeds", nargs="+", type=cli.number(int, at_least=0), default=None,
                    help="one run per method and seed, in <method>-seed<N>/ (default: train.py's seed, in <method>/)")
     p.add_argument("--report", metavar="DIR", default=None, help="only rebuild the tables and plots of DIR's runs")
     args = p.parse_args(argv)
@@ -466,4 +467,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

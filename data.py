@@ -5,6 +5,9 @@ Make a mixture folder (OUT/manifest.json and OUT/<task>/{train,selection,test}.j
     python data.py prepare --source ../shared/data --out mixture          # local DIR/<task>/<split>.jsonl, hub schema
     python data.py prepare --source hub --out mixture --tasks gsm8k sciq  # from the hub (needs `pip install datasets`)
 
+OUT is replaced whole or not at all: written beside it under a temporary name, then renamed into place, so a failed
+or killed prepare leaves the old folder as it was. An OUT that holds anything but a mixture folder is refused.
+
 Split policy (per task, deterministic from --seed): every available labelled split is converted; if the hub's own
 test split has at least --test rows, our test split is drawn from it alone and its other rows are never used
 (official test rows stay out of training); otherwise all splits are pooled and test is cut from the pool first.
@@ -33,7 +36,7 @@ import json
 import math
 import os
 import random
-import sys
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import cli
 
 TASKS = ("commonsense_qa", "openbookqa", "aqua_rat", "gsm8k", "sciq",
          "arc_easy", "hellaswag", "winogrande", "boolq", "medmcqa")
@@ -252,8 +257,9 @@ def _hub_splits(task) -> dict[str, tuple[str, list[dict]]]:
     try:
         import datasets  # optional: only this path needs it
     except ImportError:
-        raise ImportError("--source hub needs the `datasets` library: pip install datasets "
-                          "(or pass --source DIR with DIR/<task>/<split>.jsonl rows in the hub's schema)") from None
+        raise ModuleNotFoundError("--source hub needs the `datasets` library: pip install datasets (or pass "
+                                  "--source DIR with DIR/<task>/<split>.jsonl rows in the hub's schema)",
+                                  name="datasets") from None
     hub_id, config = HUB[task]
     ds = datasets.load_dataset(hub_id, config)
     return {s: (f"{hub_id}[{s}]", [dict(r) for r in ds[s]]) for s in HUB_SPLITS if s in ds}
@@ -296,10 +302,14 @@ def prepare(source: str, out, tasks=None, n_train=1800, n_selection=200, n_test=
             raise ValueError(f"--source {source!r}: no task folders in it")
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks: a task is named twice in {names}")
+    out = Path(out).resolve()  # resolved: its siblings are where it really is
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not a mixture folder (no manifest.json); prepare replaces "
+                         "the folder whole, so give a new one")
 
-    out = Path(out)
     manifest = {"source": source if source == "hub" else str(root), "seed": seed,
                 "asked": {"train": n_train, "selection": n_selection, "test": n_test}, "tasks": {}}
+    files = {}  # name in the folder -> text, written once every task has converted
     for task in names:
         splits = _hub_splits(task) if source == "hub" else _dir_splits(root / task)
         entry = {"schema": task if task in TASKS else "plain", "sources": [], "skipped": []}
@@ -327,25 +337,48 @@ def prepare(source: str, out, tasks=None, n_train=1800, n_selection=200, n_test=
             entry["short"] = f"asked for train {n_train}, only {len(parts['train'])} rows left after test and selection"
             warnings.warn(f"{task}: {entry['short']}", stacklevel=2)
         entry["sizes"] = {s: len(parts[s]) for s in SPLITS}
-        (out / task).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             lines = [json.dumps({"question": ex.question, "answer": ex.answer,
                                  "choices": None if ex.choices is None else list(ex.choices),
                                  "rationale": ex.rationale}, ensure_ascii=False) for ex in parts[split]]
-            _write_atomic(out / task / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+            files[f"{task}/{split}.jsonl"] = "".join(line + "\n" for line in lines)
         manifest["tasks"][task] = entry
-    # written last: a folder with a manifest is a finished one
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    files["manifest.json"] = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+
+    # the folder is replaced whole or not at all: written under a temporary sibling name, then swapped in by
+    # renames. A kill leaves the old folder as it was (or, between the renames, as .old until the next success)
+    # and a temporary folder that the next prepare removes first.
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text, encoding="utf-8")
+    except OSError as e:  # a full disk: give back what was written, and name the folder (a failed write names none)
+        shutil.rmtree(tmp, ignore_errors=True)
+        e.filename = e.filename or str(out)
+        raise
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a killed prepare's, whose new folder is already in place
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
 def load_mixture(folder, tasks=None) -> dict[str, dict[str, list[Example]]]:
     """task -> split -> examples, every row validated against the plain schema and the manifest's sizes."""
     folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
+    path = folder / "manifest.json"
+    if not path.is_file():
         raise ValueError(f"{folder}: no manifest.json (make the folder with `python data.py prepare`)")
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    known = list(manifest["tasks"])
+    manifest = cli.read_json(path)
+    try:  # what loading reads of it: each task's split sizes
+        sizes = {t: {s: int(entry["sizes"][s]) for s in SPLITS} for t, entry in manifest["tasks"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ValueError(f"{path}: not a mixture manifest (expected \"tasks\", each with the \"sizes\" of train, "
+                         "selection and test; remake the folder with `python data.py prepare`)") from None
+    known = list(sizes)
     for t in tasks or ():
         if t not in known:
             raise ValueError(f"unknown task {t!r}: the mixture {folder} has {', '.join(known)}")
@@ -357,9 +390,8 @@ def load_mixture(folder, tasks=None) -> dict[str, dict[str, list[Example]]]:
             exs = _convert_rows(None, read_jsonl(path), path)
             if not exs:
                 raise ValueError(f"{path}: empty split (every task needs train, selection and test rows)")
-            if len(exs) != manifest["tasks"][task]["sizes"][split]:
-                raise ValueError(f"{path}: {len(exs)} rows but the manifest says "
-                                 f"{manifest['tasks'][task]['sizes'][split]}")
+            if len(exs) != sizes[task][split]:
+                raise ValueError(f"{path}: {len(exs)} rows but the manifest says {sizes[task][split]}")
             mixture[task][split] = exs
     return mixture
 
@@ -370,13 +402,19 @@ def load_mixture(folder, tasks=None) -> dict[str, dict[str, list[Example]]]:
 def load_tokenizer(model_dir) -> tuple[Tokenizer, int]:
     """(tokenizer from tokenizer.json, eos id from config.json eos_token_id or tokenizer_config.json eos_token)."""
     model_dir = Path(model_dir)
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a checkpoint folder needs its tokenizer in hub layout)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception that names no file
+        raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
+    config = cli.read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
     eos = config.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None  # several stop ids (llama 3 instruct): the first is the end of text
     if eos is None and (model_dir / "tokenizer_config.json").is_file():
-        name = json.loads((model_dir / "tokenizer_config.json").read_text()).get("eos_token")
+        name = cli.read_json(model_dir / "tokenizer_config.json").get("eos_token")
         name = name.get("content") if isinstance(name, dict) else name
         eos = tok.token_to_id(name) if isinstance(name, str) else None
     if not isinstance(eos, int) or not 0 <= eos < tok.get_vocab_size():
@@ -685,25 +723,29 @@ def make_demo(out: Path, seed: int = 0) -> Path:
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="mSFT data: make a mixture folder")
+    hub_tasks = "tasks of --source hub (--tasks names them; a local DIR's tasks are its folders):\n" + "".join(
+        f"  {t:16s}{hub_id}{f' ({config})' if config else ''}\n" for t, (hub_id, config) in HUB.items())
+    parser = argparse.ArgumentParser(description=__doc__, epilog=hub_tasks, formatter_class=cli.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="convert benchmark rows into OUT/<task>/{train,selection,test}.jsonl")
+    p = sub.add_parser("prepare", help="convert benchmark rows into OUT/<task>/{train,selection,test}.jsonl",
+                       description="Convert benchmark rows into a mixture folder, OUT/<task>/{train,selection,test}"
+                       ".jsonl\nand OUT/manifest.json, replacing OUT whole. The split policy: python data.py --help",
+                       epilog=hub_tasks, formatter_class=cli.HelpFormatter)
     # where the rows come from and where they go
     p.add_argument("--source", required=True,
                    help="'hub' (needs `pip install datasets`) or DIR with <task>/<split>.jsonl")
-    p.add_argument("--out", required=True, help="the mixture folder to write")
+    p.add_argument("--out", required=True, help="the mixture folder to write (a new folder, or a mixture to replace)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks to include (default: all ten, or every folder of DIR)")
     # split sizes per task (paper: 1,800 training examples per task)
-    p.add_argument("--train", type=int, default=1800, help="training examples per task")
-    p.add_argument("--selection", type=int, default=200, help="selection examples per task (mSFT's scores)")
-    p.add_argument("--test", type=int, default=500, help="test examples per task (reported numbers)")
-    p.add_argument("--seed", type=int, default=20, help="seed of every shuffle")
+    p.add_argument("--train", type=cli.number(int, at_least=1), default=1800, help="training examples per task")
+    p.add_argument("--selection", type=cli.number(int, at_least=1), default=200,
+                   help="selection examples per task (mSFT's scores)")
+    p.add_argument("--test", type=cli.number(int, at_least=1), default=500,
+                   help="test examples per task (reported numbers)")
+    p.add_argument("--seed", type=cli.number(int, at_least=0), default=20, help="seed of every shuffle")
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.source, args.out, args.tasks, args.train, args.selection, args.test, args.seed)
-    except (ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    manifest = prepare(args.source, args.out, args.tasks, args.train, args.selection, args.test, args.seed)
     for task, entry in manifest["tasks"].items():
         sizes = " ".join(f"{s} {n}" for s, n in entry["sizes"].items())
         print(f"{task:16s} {sizes}  (test from {entry['test_from']})")
@@ -711,4 +753,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

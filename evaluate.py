@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
 from data import encode_prompts, format_prompt, format_target, load_mixture, load_tokenizer
 from model import KVCache, Transformer, resolve_checkpoint
 
@@ -354,13 +355,9 @@ def load_demos(path, tasks) -> dict[str, list[tuple[str, str]]]:
     """--demos FILE: JSON {task: [{"question": ..., "answer": ...}, ...]}, each entry shown as
     "Q: {question}\\nA: {answer}\\n"; every task in `tasks` needs at least one. Errors name the file and the entry."""
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected an object {{task: [{{\"question\": ..., \"answer\": ...}}, ...]}}")
+        d = cli.read_json(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     demos = {}
     for task in tasks:
         entries = d.get(task)
@@ -381,42 +378,40 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)  # a crash never leaves half a file
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     # what to evaluate
     ap.add_argument("--model", required=True, help="checkpoint folder in hub layout, or a hub id")
     ap.add_argument("--data", required=True, help="prepared mixture folder (python data.py prepare ...)")
     ap.add_argument("--tasks", nargs="+", default=None, help="tasks to evaluate (default: all in --data)")
     ap.add_argument("--split", choices=["selection", "test", "train"], default="selection",
                     help="split to evaluate (the official code reports test)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    ap.add_argument("--limit", type=cli.number(int, at_least=1), default=None,
+                    help="evaluate only the first N examples of each task (default: all)")
     # the prompt
-    ap.add_argument("--shots", type=int, default=5, help="demonstrations before each question, from the training split")
-    ap.add_argument("--seed", type=int, default=20, help="picks the demonstrations")
+    ap.add_argument("--shots", type=cli.number(int, at_least=0), default=5,
+                    help="demonstrations before each question, from the training split")
+    ap.add_argument("--seed", type=cli.number(int, at_least=0), default=20, help="picks the demonstrations")
     ap.add_argument("--demos", default=None, help="JSON file {task: [{\"question\": ..., \"answer\": ...}, ...]}: "
                     "these demonstrations, as written, before every question instead of --shots drawn ones")
     ap.add_argument("--prompt-end", choices=list(PROMPT_ENDS), default="release",
                     help="release: the question ends 'A: ' as in the authors' code; consistent: 'A:', so the first "
                     "token asked for is the trained ' ####'")
     # how
-    ap.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="generation cap (the release's 512)")
+    ap.add_argument("--batch-size", type=cli.number(int, at_least=1), default=32, help="questions decoded together")
+    ap.add_argument("--max-new-tokens", type=cli.number(int, at_least=1), default=512,
+                    help="generation cap (the release's 512)")
     ap.add_argument("--signal", choices=["acc", "loss"], default="acc", help="loss: gold-target loss only, no "
                     "generation (cheap)")
     ap.add_argument("--gold-loss", action="store_true", help="with --signal acc, the gold-target loss as well")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache dtype")
     # output
-    ap.add_argument("--progress", type=float, default=60, help="seconds between progress lines (stderr) in a task")
+    ap.add_argument("--progress", type=cli.number(float, above=0), default=60,
+                    help="seconds between progress lines (stderr) in a task")
     ap.add_argument("--out", default=None, help="folder for results.json (arguments, per-task figures) and "
                     "predictions.jsonl (a line a question)")
-    args = ap.parse_args()
-    for flag, v, least in (("--limit", args.limit, 1), ("--shots", args.shots, 0),
-                           ("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
-        if v is not None and v < least:
-            ap.error(f"{flag} must be >= {least}, got {v}")
-    if not args.progress > 0:
-        ap.error(f"--progress must be > 0 seconds, got {args.progress}")
+    args = ap.parse_args(argv)
     if not Path(args.data).is_dir():
         ap.error(f"--data {args.data}: not a folder (prepare one with: python data.py prepare ...)")
     if args.out:  # before anything slow: a run must not end unable to write what it found
@@ -442,6 +437,9 @@ def main():
     folder = resolve_checkpoint(args.model)
     tok, eos_id = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype))
+    if tok.get_vocab_size() > model.config.vocab_size:  # ids past the embedding would fail mid-run, or read garbage
+        raise ValueError(f"{folder}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}")
 
     print(f"{'task':<16}{'n':>6}{'acc':>7}{'95% CI':>15}{'unparsed':>10}  {'top answer (share)':<24}{'loss':>7}"
           f"{'tokens':>11}{'paper tok':>11}{'seconds':>9}")
@@ -453,6 +451,9 @@ def main():
                      max_new_tokens=args.max_new_tokens, signal=args.signal, gold_loss=args.gold_loss,
                      predictions=args.out is not None, progress=args.progress)[task]
         r["seconds"] = round(time.time() - t0, 2)
+        if r["loss"] is not None and not math.isfinite(r["loss"]):  # not a number to put in the table
+            raise ValueError(f"{task}: the gold-target loss is {r['loss']}: {args.model} gives non-finite logits "
+                             "(a broken checkpoint?)")
         preds += r.pop("predictions", [])
         results[task] = r
         acc, ci, unparsed, top = "-", "-", "-", "-"
@@ -468,4 +469,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

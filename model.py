@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+import cli
 
 SUPPORTED = ("qwen2", "qwen3", "olmo2", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -57,13 +59,21 @@ class ModelConfig:
         mt = d.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+
+        def positive(key, value, kind=int):
+            # a string or a float where a size belongs would fail later, deep in torch, naming no file
+            ok = type(value) is int or kind is float and type(value) is float and math.isfinite(value)
+            if not ok or value <= 0:
+                want = "a positive integer" if kind is int else "a positive finite number"
+                raise ValueError(f"{source}: {key} must be {want}, got {value!r}")
+            return value
         try:
-            n_heads = d["num_attention_heads"]
-            dim = d["hidden_size"]
-            head_dim = d.get("head_dim") or dim // n_heads
+            n_heads = positive("num_attention_heads", d["num_attention_heads"])
+            dim = positive("hidden_size", d["hidden_size"])
+            head_dim = positive("head_dim", d.get("head_dim") or dim // n_heads)
             # transformers 5 writes rope_parameters; older configs have rope_theta + rope_scaling
             rope = dict(d.get("rope_parameters") or {})
-            theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+            theta = positive("rope_theta", rope.pop("rope_theta", d.get("rope_theta", 10000.0)), float)
             scaling = rope or d.get("rope_scaling")
             if scaling:
                 scaling = dict(scaling)
@@ -83,10 +93,13 @@ class ModelConfig:
                      "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
                      "architectures", "dtype", "torch_dtype", "transformers_version"}
             return cls(
-                model_type=mt, vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"],
-                n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                rope_scaling=scaling, max_seq_len=d.get("max_position_embeddings", 4096),
+                model_type=mt, vocab_size=positive("vocab_size", d["vocab_size"]), dim=dim,
+                n_layers=positive("num_hidden_layers", d["num_hidden_layers"]), n_heads=n_heads,
+                n_kv_heads=positive("num_key_value_heads", d.get("num_key_value_heads") or n_heads),
+                head_dim=head_dim, hidden_dim=positive("intermediate_size", d["intermediate_size"]),
+                norm_eps=positive("rms_norm_eps", d.get("rms_norm_eps", 1e-6), float), rope_theta=float(theta),
+                rope_scaling=scaling, max_seq_len=positive("max_position_embeddings",
+                                                           d.get("max_position_embeddings", 4096)),
                 qkv_bias=mt == "qwen2", qk_norm={"qwen3": "head", "olmo2": "all"}.get(mt, "none"),
                 post_norm=mt == "olmo2", tie_embeddings=d.get("tie_word_embeddings", mt != "olmo2"),
                 extra={k: v for k, v in d.items() if k not in known})
@@ -343,7 +356,7 @@ class Transformer(nn.Module):
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder}: no config.json (expected a checkpoint folder in hub layout)")
-        cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+        cfg = ModelConfig.from_hf(cli.read_json(cfg_path), str(cfg_path))
         files = safetensors_files(folder)
         with torch.device("meta"):
             model = cls(cfg)
@@ -359,7 +372,11 @@ class Transformer(nn.Module):
         names = key_map(cfg)  # hub name -> ours
         filled = set()
         for f in files:
-            with safe_open(f, framework="pt") as st:
+            try:
+                st = safe_open(f, framework="pt")
+            except SafetensorError as e:  # a cut-short copy or download: the file named, not just the reason
+                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            with st:
                 for name in st.keys():
                     if name not in names:
                         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
@@ -476,7 +493,7 @@ def resolve_checkpoint(path) -> Path:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = cli.read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         files = [folder / f for f in sorted(set(weight_map.values()))]

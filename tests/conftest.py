@@ -1,6 +1,8 @@
-"""Shared test fixtures: where the real data and the real checkpoint live, and skips when absent."""
+"""Shared test fixtures: where the real data and the real checkpoint live, and skips when absent; a command run as a
+user runs it, refused at the door."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def refused():
+    """refused("data.py", *args) runs the command as a user does, checks that it was refused at the door (exit status
+    2, no traceback, one line on stderr: after argparse's usage, for a flag) and returns that line."""
+    def run(script, *args):
+        r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        if lines[0].startswith("usage:"):  # argparse's usage, its continuation lines indented, then the error
+            assert all(line.startswith(" ") for line in lines[1:-1]), r.stderr
+            lines = lines[-1:]
+        assert len(lines) == 1 and "error: " in lines[0], r.stderr
+        return lines[0]
+    return run

@@ -170,6 +170,10 @@ def test_bad_input_is_refused(tmp_path, capsys):
         compare.main(["--model", "m", "--out", str(tmp_path / "x")])
 
 
+def test_bad_seeds_are_refused_naming_the_flag(refused):
+    assert "argument --seeds: expected a finite int >= 0, got '-1'" in refused("compare.py", "--seeds", 1, -1)
+
+
 def test_bad_run_folders_are_refused(tmp_path):
     folder = write_run(tmp_path, "sft", "sft", 20, {"a": 0.5, "b": 0.7}, 0.6, 1.0, (600, 100), SFT_LOG)
     write_run(tmp_path, "msft", "msft", 20, {"a": 0.5, "c": 0.7}, 0.6, 1.0, (600, 100), MSFT_LOG)

@@ -2,12 +2,19 @@
 for aqua_rat, winogrande and medmcqa; prompts and targets written out by hand), every real row's trained target read
 back by evaluate.py's answer rule as its gold, the loss mask (decoded back to the target with the real SmolLM2
 tokenizer), the mixture sampler's properties (hypothesis), bad-input errors, `prepare` (manifest, policy,
-byte-for-byte determinism) and the padding figure on the real mixture (> 0.8 real tokens).
+byte-for-byte determinism) and the padding figure on the real mixture (> 0.8 real tokens). At the door: `data.py`
+refuses bad flags and files with one line naming them, its --help lists the tasks and defaults, a mixture folder is
+replaced whole or not at all (a failure mid-way, a killed run's leftovers, a full disk on a small tmpfs), and
+manifest, tokenizer and JSON files that are not JSON or not UTF-8 are named.
 
 Run: cd /work/main && python -m pytest -q tests/test_data.py
 """
+import errno
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from tokenizers import Tokenizer, models
 
 import data
 import evaluate as ev
@@ -441,8 +449,163 @@ def test_cli_on_a_users_own_task(tmp_path):
     mix = data.load_mixture(tmp_path / "out")
     assert Counter(ex for split in mix["parity"].values() for ex in split) == Counter(map(data.from_plain, rows))
     assert json.loads((tmp_path / "out/manifest.json").read_text())["tasks"]["parity"]["schema"] == "plain"
-    with pytest.raises(SystemExit, match="--train must be a positive integer"):
-        data.main(cmd[2:-6] + ["--train", "0"])
+
+
+# -----------------------------------------------------------------------------
+# at the door: flags, a folder replaced whole or not at all, files that are not what they should be
+
+def test_help_lists_the_tasks_with_their_hub_ids_and_the_defaults():
+    for args in (["--help"], ["prepare", "--help"]):
+        run = subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert all(task in run.stdout and hub_id in run.stdout for task, (hub_id, _) in data.HUB.items())
+    assert "(default: 1800)" in run.stdout and "(default: 20)" in run.stdout
+
+
+@pytest.mark.parametrize("flag, value, msg", [
+    ("--train", "0", "argument --train: expected a finite int >= 1, got '0'"),
+    ("--seed", "-1", "argument --seed: expected a finite int >= 0, got '-1'"),
+    ("--test", "ten", "argument --test: invalid int value: 'ten'"),
+])
+def test_bad_flags_are_refused_naming_them(refused, tmp_path, flag, value, msg):
+    assert msg in refused("data.py", "prepare", "--source", tmp_path, "--out", tmp_path / "out", flag, value)
+
+
+@pytest.fixture
+def src(tmp_path):
+    """Three small tasks of plain rows, DIR/{a,b,c}/train.jsonl."""
+    for task in "abc":
+        write_jsonl(tmp_path / "src" / task / "train.jsonl", [
+            {"question": f"Is {task}{n} odd?", "answer": "AB"[n % 2], "choices": ["no", "yes"]} for n in range(10)])
+    return tmp_path / "src"
+
+
+def small(src, out, **kw):
+    return data.prepare(str(src), out, n_train=6, n_selection=2, n_test=2, **kw)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_prepare_leaves_the_old_folder_as_it_was(src, tmp_path, monkeypatch):
+    out = tmp_path / "mix"
+    small(src, out, seed=0)
+    before = snapshot(out)
+    # the third task fails to convert
+    dir_splits = data._dir_splits
+
+    def third_task_fails(folder):
+        if folder.name == "c":
+            raise ValueError("injected")
+        return dir_splits(folder)
+    monkeypatch.setattr(data, "_dir_splits", third_task_fails)
+    with pytest.raises(ValueError, match="injected"):
+        small(src, out, seed=1)
+    monkeypatch.undo()
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # the disk fills at the third file written: what was written is given back, and the error names the folder
+    write_text, written = Path.write_text, []
+
+    def full_at_third_file(path, *args, **kw):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, *args, **kw)
+    monkeypatch.setattr(Path, "write_text", full_at_third_file)
+    with pytest.raises(OSError, match="No space left") as e:
+        small(src, out, seed=1)
+    monkeypatch.undo()
+    assert e.value.filename == str(out.resolve())
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # a prepare that succeeds replaces the folder whole: the task it leaves out is gone, not left beside the others
+    small(src, out, seed=1, tasks=["a", "b"])
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) != before
+
+
+def test_a_killed_prepares_leftovers_go_with_the_next_prepare(src, tmp_path):
+    out = tmp_path / "mix"
+    # killed while writing: a temporary folder holding a file cut short
+    (tmp_path / ".mix.tmp" / "a").mkdir(parents=True)
+    (tmp_path / ".mix.tmp" / "a" / "train.jsonl").write_text('{"question": "cut sh')
+    small(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"]
+    # killed between its two renames: the old folder set aside as .mix.old, no mix; kept until a prepare succeeds
+    before = snapshot(out)
+    os.replace(out, tmp_path / ".mix.old")
+    small(src, out, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) != before
+    # killed after them: a stale .mix.old beside the new mix
+    shutil.copytree(out, tmp_path / ".mix.old")
+    small(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix", "src"] and snapshot(out) == before
+
+
+def test_an_out_folder_that_is_not_a_mixture_is_refused(src, tmp_path, refused):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    line = refused("data.py", "prepare", "--source", src, "--out", tmp_path / "notes", "--train", 6, "--selection", 2,
+                   "--test", 2)
+    assert f"--out {tmp_path / 'notes'}: exists and is not a mixture folder" in line
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_a_full_disk_leaves_the_old_mixture_and_says_so_in_one_line(src, tmp_path, refused):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if sys.platform != "linux" or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs Linux and mount")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        small(src, disk / "mix")
+        before = snapshot(disk / "mix")
+        write_jsonl(tmp_path / "big" / "long" / "train.jsonl", [  # ~120 KB of rows for a 64 KB disk
+            {"question": f"{n} " + "x" * 2000, "answer": "A", "choices": ["x", "y"]} for n in range(60)])
+        line = refused("data.py", "prepare", "--source", tmp_path / "big", "--out", disk / "mix", "--train", 50,
+                       "--selection", 5, "--test", 5)
+        assert line == f"error: {disk / 'mix'}: No space left on device"
+        assert snapshot(disk / "mix") == before and sorted(p.name for p in disk.iterdir()) == ["mix"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_bad_manifest_tokenizer_and_json_files_are_named(src, tmp_path, refused):
+    out = tmp_path / "mix"
+    small(src, out)
+    manifest = out / "manifest.json"
+    for raw, msg in ((b'{"tasks": ', "not valid JSON (Expecting value at line 1, column 11)"),
+                     (b'["a"]', "expected a JSON object, got list"),
+                     (b'{"seed": 20}', "not a mixture manifest"),
+                     (b'{"tasks": {"a": {"sizes": {"train": 6}}}}', "not a mixture manifest"),
+                     (b'{"source": "caf\xe9"}', "not valid UTF-8 (invalid continuation byte at byte 15)")):
+        manifest.write_bytes(raw)
+        with pytest.raises(ValueError, match=re.escape(f"{manifest}: {msg}")):
+            data.load_mixture(out)
+    # a tokenizer folder: tokenizer.json missing, not a tokenizer; its JSON files not UTF-8, not JSON
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tok / 'tokenizer.json'}: no such file")):
+        data.load_tokenizer(tok)
+    (tok / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match=re.escape(f"{tok / 'tokenizer.json'}: not a readable tokenizer")):
+        data.load_tokenizer(tok)
+    Tokenizer(models.BPE({"a": 0, "<eos>": 1}, [])).save(str(tok / "tokenizer.json"))
+    assert data.load_tokenizer(tok)[1] == 1
+    (tok / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(ValueError, match=re.escape(f"{tok / 'tokenizer_config.json'}: not valid UTF-8")):
+        data.load_tokenizer(tok)
+    (tok / "config.json").write_text('{"eos_token_id": 1,}')
+    with pytest.raises(ValueError, match=re.escape(f"{tok / 'config.json'}: not valid JSON")):
+        data.load_tokenizer(tok)
+    # a row file that is JSON text but not UTF-8 bytes, through the command
+    (src / "a" / "train.jsonl").write_bytes(b'{"question": "caf\xe9?", "answer": "A", "choices": ["x", "y"]}\n')
+    line = refused("data.py", "prepare", "--source", src, "--out", out, "--train", 6, "--selection", 2, "--test", 2)
+    assert f"error: {src / 'a' / 'train.jsonl'}: cannot read as UTF-8 text" in line
 
 
 # -----------------------------------------------------------------------------

@@ -6,13 +6,15 @@ left-padded greedy decoding reading only the last position's logits, equal token
 forward loop one sequence at a time; the gold-target loss from the target positions' logits equal to a direct
 teacher-forced computation; Appendix F's token count restated; W simulated ranks, and two gloo processes, giving
 what one gives; per-task figures (unparsed, most frequent answer, interval) and --out files; bad input rejected
-with a message naming it; and, on real rows with the real SmolLM2 checkpoint, decoding and accuracy equal to
-model.generate run one question at a time."""
+with a message naming it, and, through the command, broken checkpoints, tokenizers and mixtures refused in one
+line naming the file (a tokenizer larger than the vocabulary, a NaN loss naming its task); and, on real rows with the
+real SmolLM2 checkpoint, decoding and accuracy equal to model.generate run one question at a time."""
 import copy
 import datetime
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 from collections import Counter
@@ -23,9 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 
+import data
 import evaluate as ev
+import train
 from data import Example, convert, encode_prompts, format_prompt, format_target, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
 
@@ -471,7 +476,6 @@ def test_evaluate_rejects_bad_arguments(tiny, chartok):
 @pytest.fixture(scope="module")
 def mixture_dir(tmp_path_factory):
     """A mixture folder made by data.py from rows in the plain schema."""
-    import data
     src = tmp_path_factory.mktemp("src")
     (src / "toy").mkdir()
     rows = [{"question": ex.question, "answer": ex.answer, "choices": list(ex.choices)} for ex in synthetic(4, 30)]
@@ -516,12 +520,15 @@ def test_cli_writes_results_and_predictions(tiny_dir, mixture_dir, tmp_path, mon
 
 @pytest.mark.parametrize("flags, msg", [
     (["--tasks", "nope"], "unknown task 'nope'"),
-    (["--limit", "0"], "--limit must be >= 1"),
-    (["--shots", "-1"], "--shots must be >= 0"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--limit", "0"], "argument --limit: expected a finite int >= 1, got '0'"),
+    (["--shots", "-1"], "argument --shots: expected a finite int >= 0, got '-1'"),
+    (["--seed", "-1"], "argument --seed: expected a finite int >= 0, got '-1'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a finite int >= 1, got '0'"),
+    (["--max-new-tokens", "1.5"], "argument --max-new-tokens: invalid int value: '1.5'"),
     (["--split", "dev"], "invalid choice: 'dev'"),
     (["--prompt-end", "A:"], "--prompt-end: invalid choice"),
-    (["--progress", "0"], "--progress must be > 0"),
+    (["--progress", "0"], "argument --progress: expected a finite float > 0, got '0'"),
+    (["--progress", "nan"], "argument --progress: expected a finite float > 0, got 'nan'"),
     (["--demos", "DIR/none.json"], "DIR/none.json: cannot read"),
     (["--demos", "DIR/demos.json"], "DIR/demos.json: toy[1]: expected {\"question\": text, \"answer\": text}"),
     (["--demos", "DIR/other.json"], "DIR/other.json: no list of demonstrations for task 'toy'"),
@@ -540,6 +547,57 @@ def test_cli_rejects_missing_data_folder(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_cli(monkeypatch, "--model", "unused", "--data", str(tmp_path / "none"))
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo mixture and its tiny model (data/model), as train.py makes them."""
+    folder = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
+    train.demo_checkpoint(folder)
+    return folder
+
+
+def edit_tensors(path, fn):
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def edit_config(folder, **kw):
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **kw}))
+
+
+BROKEN = {  # what breaks a copy of the demo model (m) or mixture (d) -> what the one line says
+    "config not JSON": (lambda m, d: (m / "config.json").write_text('{"model_type": "llama",'),
+                        "{m}/config.json: not valid JSON (Expecting property name"),
+    "config value": (lambda m, d: edit_config(m, hidden_size="abc"),
+                     "{m}/config.json: hidden_size must be a positive integer, got 'abc'"),
+    "safetensors cut short": (lambda m, d: (m / "model.safetensors").write_bytes(
+        (m / "model.safetensors").read_bytes()[:5000]), "{m}/model.safetensors: not a readable safetensors file ("),
+    "no tokenizer.json": (lambda m, d: (m / "tokenizer.json").unlink(), "{m}/tokenizer.json: no such file"),
+    "tokenizer.json corrupt": (lambda m, d: (m / "tokenizer.json").write_text('{"model": {'),
+                               "{m}/tokenizer.json: not a readable tokenizer ("),
+    "tokenizer_config.json not UTF-8": (lambda m, d: (m / "tokenizer_config.json").write_bytes(
+        b'{"eos_token": "<|endoftext|>\xff"}'), "{m}/tokenizer_config.json: not valid UTF-8"),
+    "tokenizer past the vocabulary": (lambda m, d: (edit_config(m, vocab_size=100), edit_tensors(
+        m / "model.safetensors", lambda sd: sd.update({k: v[:100] for k, v in sd.items() if "embed" in k}))),
+        "{m}: the tokenizer has 320 tokens but the model's vocabulary is 100"),
+    "NaN weights": (lambda m, d: edit_tensors(m / "model.safetensors", lambda sd: sd["model.norm.weight"].fill_(
+        float("nan"))), "error: first: the gold-target loss is nan"),
+    "manifest not JSON": (lambda m, d: (d / "manifest.json").write_text("{"),
+                          "--data {d}: {d}/manifest.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_cli_refuses_a_broken_checkpoint_or_mixture_naming_the_file(case, demo, tmp_path, refused):
+    m, d = tmp_path / "m", tmp_path / "d"
+    shutil.copytree(demo / "model", m)
+    shutil.copytree(demo, d, ignore=shutil.ignore_patterns("model"))
+    breaks, msg = BROKEN[case]
+    breaks(m, d)
+    line = refused("evaluate.py", "--model", m, "--data", d, "--tasks", "first", "--limit", 2, "--signal", "loss")
+    assert msg.format(m=m, d=d) in line
 
 
 # -----------------------------------------------------------------------------

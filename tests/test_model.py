@@ -1,7 +1,10 @@
 """model.py against transformers: logits of tiny random Qwen2/Qwen3/OLMo 2/Llama models (GQA, tied and untied
 embeddings, qkv bias, head_dim != hidden/heads, rope scaling), the KV cache and padding, the save/load round trip,
-hub ids through the offline cache, errors on bad checkpoints, and greedy decoding of the real SmolLM2 checkpoint."""
+hub ids through the offline cache, errors on bad checkpoints (a config.json that is not JSON, not UTF-8 or holds a
+wrong-typed size, a safetensors file cut short or with a garbage header: each named), and greedy decoding of the real
+SmolLM2 checkpoint."""
 import json
+import re
 import shutil
 
 import pytest
@@ -204,6 +207,38 @@ def test_pickle_only_folder_is_refused(ckpt):
     (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\); refusing"):
         Transformer.from_pretrained(ckpt)
+
+
+def test_bad_config_json_is_named_with_what_was_expected(ckpt):
+    path = ckpt / "config.json"
+    good = json.loads(path.read_text())
+    for cfg, msg in (({**good, "hidden_size": "abc"}, "hidden_size must be a positive integer, got 'abc'"),
+                     ({**good, "hidden_size": 48.0}, "hidden_size must be a positive integer, got 48.0"),
+                     ({**good, "num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+                     ({**good, "num_hidden_layers": -2}, "num_hidden_layers must be a positive integer, got -2"),
+                     ({**good, "num_attention_heads": True}, "num_attention_heads must be a positive integer, "
+                                                             "got True"),
+                     ({**good, "rms_norm_eps": "1e-6"}, "rms_norm_eps must be a positive finite number, got '1e-6'"),
+                     ({k: v for k, v in good.items() if k != "vocab_size"}, "missing key 'vocab_size'")):
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {msg}")):
+            Transformer.from_pretrained(ckpt)
+    for raw, msg in ((b'{"model_type": "olmo2",', "not valid JSON (Expecting property name enclosed in double quotes"),
+                     (b'{"model_type": "olmo\xff"}', "not valid UTF-8 (invalid start byte at byte 20)"),
+                     (b'["olmo2"]', "expected a JSON object, got list")):
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {msg}")):
+            Transformer.from_pretrained(ckpt)
+
+
+def test_corrupt_safetensors_is_named(ckpt):
+    path = ckpt / "model.safetensors"
+    good = path.read_bytes()
+    # cut short (a copy or download that stopped), a garbage header, empty
+    for raw in (good[:len(good) // 2], good[:8] + b"#" * 40 + good[48:], b""):
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable safetensors file (")):
+            Transformer.from_pretrained(ckpt)
 
 
 def test_not_a_folder_nor_hub_id(tmp_path):
