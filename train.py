@@ -40,12 +40,8 @@ METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 # -----------------------------------------------------------------------------
 # arguments
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and shows every flag's default."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     # what to train
     p.add_argument("--method", choices=METHODS, default=None,
                    help="sft, msft, or a baseline of baselines.py (demo: sft and msft, one after the other)")
