@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots", choices=("disk", "memory"), default="disk",
                    help="where roll-back snapshots live (memory: faster, but a killed run cannot resume)")
     # the baselines (SPEC 5, baselines.py)
-    p.add_argument("--task-order", nargs="+", default=None, help="continual: train the tasks in this order (default: by name)")
+    p.add_argument("--task-order", nargs="+", default=None, help="continual: train the tasks in this order (default: the paper's listing order, SPEC 7)")
     p.add_argument("--search-log", default=None,
                    help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
                         "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
