@@ -31,6 +31,7 @@ from pathlib import Path
 
 import cli
 import data
+import runfolder
 import train
 
 REPO = Path(__file__).resolve().parent
@@ -39,22 +40,6 @@ SET_HERE = ("method", "model", "data", "out", "resume", "search_log")  # train.p
 SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "flops")
 FLOPS = ("train", "eval", "total", "paper_eval", "paper_total", "test")  # flops.FlopCounter.report()'s, per run
 EPS = 1e-9
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: not JSON ({e})")
-    if not isinstance(obj, dict):
-        raise SystemExit(f"{path}: expected a JSON object")
-    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -77,11 +62,11 @@ def read_run(folder: Path) -> dict:
         log.append(event)
     summary = None
     if (folder / "summary.json").is_file():
-        summary = read_json(folder / "summary.json")
+        summary = cli.read_json(folder / "summary.json")
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise SystemExit(f"{folder}/summary.json: missing {missing} (expected train.py's summary)")
-    return {"name": folder.name, "args": read_json(folder / "args.json"), "log": log, "summary": summary}
+    return {"name": folder.name, "args": cli.read_json(folder / "args.json"), "log": log, "summary": summary}
 
 
 def find_runs(root: Path) -> dict[str, list[dict]]:
@@ -345,7 +330,8 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
         ax.set_ylabel("loss per answer token (log)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # logs from before task_loss have nothing to label
+        axes[0].legend(fontsize=7)
     paths.append(save(fig, out / "task_loss.png"))
     return paths
 
@@ -353,9 +339,9 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
 def report(root: Path) -> dict:
     runs = find_runs(root)
     tbl = make_table(runs)
-    write_atomic(root / "table.json", json.dumps(tbl, indent=1) + "\n")
+    runfolder.write_text(root / "table.json", json.dumps(tbl, indent=1) + "\n")
     md = markdown(tbl)
-    write_atomic(root / "table.md", md)
+    runfolder.write_text(root / "table.md", md)
     print("\n" + md)
     for path in plot(runs, root):
         print(f"wrote {path}")
@@ -401,7 +387,7 @@ def run_methods(args, extra: list[str]):
             plan.append((root / f"{m}{tag}", argv, vars(train.parse_args(argv))))
     for folder, argv, want in plan:
         if (folder / "summary.json").is_file():
-            saved = read_json(folder / "args.json")
+            saved = cli.read_json(folder / "args.json")
             diff = {k: (saved.get(k), v) for k, v in want.items()
                     if k not in ("resume", "log_every", "out", "search_log") and saved.get(k) != v}
             if diff:

@@ -25,7 +25,6 @@ Under torchrun, rank r takes every W-th question and the counts are summed, so a
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cli
+import runfolder
 from data import encode_prompts, format_prompt, format_target, load_mixture, load_tokenizer
 from model import KVCache, Transformer, resolve_checkpoint
 
@@ -372,12 +372,6 @@ def load_demos(path, tasks) -> dict[str, list[tuple[str, str]]]:
     return demos
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a crash never leaves half a file
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     # what to evaluate
@@ -418,7 +412,7 @@ def main(argv=None):
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / ".probe", "")
+            runfolder.write_text(out / ".probe", "")
             (out / ".probe").unlink()
         except OSError as e:
             ap.error(f"--out {args.out}: not a writable folder ({e.strerror or e})")
@@ -464,8 +458,8 @@ def main(argv=None):
         print(f"{task:<16}{r['n']:>6}{acc:>7}{ci:>15}{unparsed:>10}  {top:<24}{loss:>7}{r['tokens']:>11}"
               f"{r['paper_tokens']:>11}{r['seconds']:>9.1f}", flush=True)
         if args.out:  # after every task, so a long run that stops keeps what it finished
-            write_atomic(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-            write_atomic(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            runfolder.write_text(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+            runfolder.write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import parallel
 def write_text(path: Path, text: str):
     """Written to a temporary name and renamed: a kill or a full disk never leaves half a file under the name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -188,7 +188,7 @@ def test_bad_run_folders_are_refused(tmp_path):
         compare.report(tmp_path)
     (folder / "log.jsonl").write_text((folder / "log.jsonl").read_text().replace("{not json\n", ""))
     (folder / "summary.json").write_text("[1]")
-    with pytest.raises(SystemExit, match=f"{folder / 'summary.json'}: expected a JSON object"):
+    with pytest.raises(ValueError, match=f"{folder / 'summary.json'}: expected a JSON object"):
         compare.report(tmp_path)
 
 
