@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 import data
 import msft
+import parallel
+from model import example_losses
 
 EPS = msft.EPS
 ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (SPEC 5)
@@ -283,11 +285,35 @@ def ies_left_out(losses: list[float], window: int, threshold: float) -> bool:
     return sum(d2) / window < threshold
 
 
+@torch.no_grad()
+def measure(run, items: list[tuple[str, int]]) -> int:
+    """IES: the mean token losses of examples left out of backprop, by forward-only passes (2 N FLOPs a token),
+    into example_loss; returns the tokens it took over all ranks. Dealt to the ranks as in train_step."""
+    items = sorted(items, key=lambda x: len(run.train_enc[x[0]][x[1]][0]))
+    real = 0
+    for part in data.micro_batches(len(items), run.world, run.args.micro_batch)[run.rank]:
+        if not part and not (run.fsdp and items):
+            continue
+        # under FSDP a rank with nothing left in this pass still joins the others' all-gathers
+        rows = [run.train_enc[t][i] for t, i in (items[j] for j in part or [0])]
+        idx, targets = (x.to(run.device) for x in data.collate(rows, run.pad))
+        with run.autocast:
+            losses = example_losses(run.model(idx), targets)  # the module itself: no DDP all-reduce
+        for j, l, n in zip(part, losses.tolist(), (targets != -100).sum(1).tolist()):
+            t, i = items[j]
+            run.example_loss[t][i][0] += l / n
+            run.example_loss[t][i][1] += 1
+        real += sum(len(ids) - 1 for ids, _ in rows) if part else 0
+    real = parallel.all_sum(real, run.device)
+    run.flops.forward(real)
+    return real
+
+
 def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
     """IES: SFT's schedule (the whole mixture for --max-epochs) with mastered examples left out. Each epoch is one
     pass over the examples not left out, in full-size steps (so fewer steps as examples leave); each trained
     example's loss is recorded from its training forward (Run.example_loss), and after the epoch the left-out ones'
-    losses are measured forward-only (Run.measure). Those join every example's history and the left-out set is
+    losses are measured forward-only (measure). Those join every example's history and the left-out set is
     recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
     a = run.args
     keep = a.ies_window + 3  # the losses the rule looks at
@@ -303,7 +329,7 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
             advance(run, state, run.tasks, state["closed"], run.sft_epochs)
         closing = math.floor(state["epoch"] + EPS) > state["closed"]  # an epoch ended
         if closing:
-            measured = run.measure(sorted(run.sampler.skip))
+            measured = measure(run, sorted(run.sampler.skip))
         # every rank recorded its own micro-batches: sum them, and leave the sums on rank 0 only, so that the
         # next sum counts each loss once
         for t in run.tasks:
@@ -347,9 +373,35 @@ def dynamix_weights(q: dict[str, float], p0: dict[str, float], beta: float) -> d
     return {t: (1 - GAMMA) * w[t] / total + GAMMA / len(q) for t in q}
 
 
+def lookahead(run, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """DynamixSFT's probe: each example's loss before and after one plain gradient step (the run's lr, no
+    optimizer state) on `items`, then the parameters put back; (pre (B,), post (B,), tokens). In fp32 whatever
+    the training precision: at lr 1e-5 a bf16 step rounds most updates away, and the rewards with them."""
+    params = list(run.model.parameters())
+    saved = [p.detach().clone() for p in params]
+    idx, targets = (x.to(run.device) for x in data.collate([run.train_enc[t][i] for t, i in items], run.pad))
+    n = (targets != -100).sum(1)
+    run.model.float()
+    try:
+        with torch.autocast(run.device.type, enabled=False):
+            pre = example_losses(run.model(idx), targets)
+            (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(p.grad, alpha=run.args.lr)
+                post = example_losses(run.model(idx), targets)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):  # the weights as they were, in their own dtype
+                p.data = s
+                p.grad = None
+    return pre.detach() / n, post / n, sum(len(run.train_enc[t][i][0]) - 1 for t, i in items)
+
+
 def run_dynamix(run, store, state: dict | None) -> tuple[dict, dict]:
     """DynamixSFT (Shin et al. 2025): SFT's schedule with the task mixture re-weighted every --dynamix-every
-    steps (default 1% of the run's steps). Each update probes every task with Run.lookahead on --dynamix-batch of
+    steps (default 1% of the run's steps). Each update probes every task with lookahead on --dynamix-batch of
     its examples: reward r = mean((L_pre - L_post) / L_pre), min-max normalised across tasks, smoothed into
     Q <- ALPHA Q + (1 - ALPHA) r; then p = dynamix_weights(Q, size shares, --dynamix-beta). The look-ahead costs
     8 N FLOPs a token (forward, backward, forward)."""
@@ -370,7 +422,7 @@ def run_dynamix(run, store, state: dict | None) -> tuple[dict, dict]:
                 continue
             rng = np.random.default_rng([a.seed, 3, run.step, k])
             items = [(t, int(i)) for i in rng.choice(sizes[t], min(a.dynamix_batch, sizes[t]), replace=False)]
-            pre, post, n = run.lookahead(items)
+            pre, post, n = lookahead(run, items)
             rewards[k] = ((pre - post) / pre).mean().double()
             tokens += n
         if dist.is_initialized():

@@ -441,6 +441,14 @@ class Transformer(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def example_losses(logits, targets):
+    """(B,) each row's summed cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off
+    the answer. Computed in fp32 whatever the logits' dtype."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
+    return ce.view(targets.shape).sum(1)
+
+
+
 def fill(param: torch.Tensor, full: torch.Tensor):
     """Copy a checkpoint tensor into a parameter, or into this rank's rows of a parameter FSDP sharded on dim 0
     (FSDP2 cuts dim 0 as torch.chunk does; the ranks past the last chunk hold none)."""

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import baselines
 import cli
@@ -30,8 +29,8 @@ import flops
 import msft
 import parallel
 import runfolder
-from evaluate import evaluate
-from model import ModelConfig, Transformer, resolve_checkpoint
+from evaluate import evaluate, load_demos
+from model import ModelConfig, Transformer, example_losses, resolve_checkpoint
 from parallel import print0
 
 METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
@@ -101,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli.number(int, at_least=0), default=20, help="seeds the data order and the shots")
     # evaluation
     p.add_argument("--shots", type=cli.number(int, at_least=0), default=5, help="worked examples before each question")
+    p.add_argument("--demos", default=None,
+                   help="JSON file {task: [{\"question\": ..., \"answer\": ...}, ...]}: these demonstrations (the "
+                        "release's hand-picked ones) instead of --shots drawn from the training split")
     p.add_argument("--eval-limit", type=cli.number(int, at_least=1), default=None,
                    help="evaluate on the first N selection examples per task (default: all)")
     p.add_argument("--eval-batch", type=cli.number(int, at_least=1), default=32, help="questions decoded together")
@@ -176,13 +178,6 @@ def loss_weights(n_answer: list[int], group: int) -> list[float]:
     return w
 
 
-def example_losses(logits, targets):
-    """(B,) each row's summed cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off
-    the answer. Computed in fp32 whatever the logits' dtype."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
-    return ce.view(targets.shape).sum(1)
-
-
 # -----------------------------------------------------------------------------
 # the run: model, data, optimizer and the primitives every method is written with
 
@@ -210,6 +205,7 @@ class Run:
         self.tok, self.eos = data.load_tokenizer(model_dir)
         self.mixture = data.load_mixture(data_dir, args.tasks)
         self.tasks = sorted(self.mixture)
+        self.demos = None if args.demos is None else load_demos(args.demos, self.tasks)
         self.train_enc, self.dropped = {}, {}
         for t in self.tasks:
             enc = data.encode_examples(self.tok, self.eos, self.mixture[t]["train"], args.max_len)
@@ -406,54 +402,6 @@ class Run:
         seconds = left * self.epoch_seconds + math.ceil(left / a.interval - 1e-9) * (self.eval_seconds or 0.0)
         return f"{'stage' if stage else 'run'} ends in {seconds / 60:5.1f} min"
 
-    @torch.no_grad()
-    def measure(self, items: list[tuple[str, int]]) -> int:
-        """IES: the mean token losses of examples left out of backprop, by forward-only passes (2 N FLOPs a token),
-        into example_loss; returns the tokens it took over all ranks. Dealt to the ranks as in train_step."""
-        items = sorted(items, key=lambda x: len(self.train_enc[x[0]][x[1]][0]))
-        real = 0
-        for part in data.micro_batches(len(items), self.world, self.args.micro_batch)[self.rank]:
-            if not part and not (self.fsdp and items):
-                continue
-            # under FSDP a rank with nothing left in this pass still joins the others' all-gathers
-            rows = [self.train_enc[t][i] for t, i in (items[j] for j in part or [0])]
-            idx, targets = (x.to(self.device) for x in data.collate(rows, self.pad))
-            with self.autocast:
-                losses = example_losses(self.model(idx), targets)  # the module itself: no DDP all-reduce
-            for j, l, n in zip(part, losses.tolist(), (targets != -100).sum(1).tolist()):
-                t, i = items[j]
-                self.example_loss[t][i][0] += l / n
-                self.example_loss[t][i][1] += 1
-            real += sum(len(ids) - 1 for ids, _ in rows) if part else 0
-        real = parallel.all_sum(real, self.device)
-        self.flops.forward(real)
-        return real
-
-    def lookahead(self, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """DynamixSFT's probe: each example's loss before and after one plain gradient step (the run's lr, no
-        optimizer state) on `items`, then the parameters put back; (pre (B,), post (B,), tokens). In fp32 whatever
-        the training precision: at lr 1e-5 a bf16 step rounds most updates away, and the rewards with them."""
-        params = list(self.model.parameters())
-        saved = [p.detach().clone() for p in params]
-        idx, targets = (x.to(self.device) for x in data.collate([self.train_enc[t][i] for t, i in items], self.pad))
-        n = (targets != -100).sum(1)
-        self.model.float()
-        try:
-            with torch.autocast(self.device.type, enabled=False):
-                pre = example_losses(self.model(idx), targets)
-                (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
-                with torch.no_grad():
-                    for p in params:
-                        if p.grad is not None:
-                            p.sub_(p.grad, alpha=self.args.lr)
-                    post = example_losses(self.model(idx), targets)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):  # the weights as they were, in their own dtype
-                    p.data = s
-                    p.grad = None
-        return pre.detach() / n, post / n, sum(len(self.train_enc[t][i][0]) - 1 for t, i in items)
-
     def evaluate(self, tasks: list[str], split: str | None = None, final: bool = False) -> dict[str, float]:
         """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split or `split`. A final
         evaluation (the report on the test split) is counted apart from the method's FLOPs."""
@@ -462,7 +410,7 @@ class Run:
         self.model.eval()
         with self.autocast, parallel.gathered(self.model, self.fsdp):
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
-                           shots=a.shots, seed=a.seed, limit=a.eval_limit, batch_size=a.eval_batch,
+                           shots=a.shots, seed=a.seed, demos=self.demos, limit=a.eval_limit, batch_size=a.eval_batch,
                            max_new_tokens=a.max_new_tokens, signal=a.signal)
         self.model.train()
         self.flops.add("test" if final else "eval", sum(r["tokens"] for r in res.values()))

@@ -4,7 +4,7 @@ task's earliest best; SRO drops each task at the peak found in the search's eval
 one read from an SFT log give the same second run; Soft SRO samples with peak / mean weights; IES leaves out exactly
 the examples whose loss histories pass the rule, measures their losses forward-only, and its per-example losses and
 gradient equal a one-example-at-a-time computation; DynamixSFT's probabilities are the bandit update recomputed from
-the logged rewards, and Run.lookahead is one plain gradient step by hand (and by transformers on the real SmolLM2
+the logged rewards, and baselines.lookahead is one plain gradient step by hand (and by transformers on the real SmolLM2
 checkpoint and real rows). Every method's FLOPs equal the hand count 6N train + 2N forward + 8N look-ahead + 2N
 eval tokens (+ the search run's), and a run killed right after a checkpoint resumes to the same log."""
 import json
@@ -243,7 +243,7 @@ def test_ies_rule_against_the_reference_code():
 
 
 def test_ies_records_each_trained_and_measured_loss(tmp_path, mix):
-    """A training step records each example's mean answer loss, and Run.measure the left-out examples' by a
+    """A training step records each example's mean answer loss, and baselines.measure the left-out examples' by a
     forward-only pass: both equal a one-example-at-a-time computation through the model as it was."""
     args = train.parse_args(["--method", "ies", "--out", str(tmp_path), *SMALL])
     run = train.Run(args, mix / "model", mix)
@@ -265,7 +265,7 @@ def test_ies_records_each_trained_and_measured_loss(tmp_path, mix):
         return out
     with torch.no_grad():
         want = {**by_hand(batch), **by_hand(left)}
-    measured = run.measure(left)
+    measured = baselines.measure(run, left)
     run.train_step()
     for (t, i), loss in want.items():
         assert run.example_loss[t][i][1] == 1
@@ -323,7 +323,7 @@ def test_lookahead_is_one_plain_gradient_step_then_restored(tmp_path, mix):
     run = train.Run(args, mix / "model", mix)
     items = [("key", 0), ("key", 7), ("key", 30)]
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    pre, post, tokens = run.lookahead(items)
+    pre, post, tokens = baselines.lookahead(run, items)
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in run.model.parameters())
@@ -360,7 +360,7 @@ def test_lookahead_rewards_at_lr_1e5_are_fp32_ones_under_bf16_autocast(tmp_path,
         args = train.parse_args(["--method", "dynamix", "--out", str(tmp_path), *SMALL, "--lr", "1e-5", autocast])
         run = train.Run(args, mix / "model", mix)
         assert (autocast == "--autocast") == isinstance(run.autocast, torch.autocast)
-        pre, post, _ = run.lookahead(items)
+        pre, post, _ = baselines.lookahead(run, items)
         rewards[autocast] = (pre - post) / pre
     torch.testing.assert_close(rewards["--autocast"], rewards["--no-autocast"], rtol=1e-5, atol=1e-10)
     assert rewards["--no-autocast"].abs().min() > 0
@@ -468,7 +468,7 @@ def test_lookahead_on_smollm2_real_rows_matches_transformers(tmp_path, smollm2, 
                              "--out", str(tmp_path / "run"), "--lr", "1e-3", "--batch-size", "4", "--micro-batch", "4"])
     run = train.Run(args, smollm2, tmp_path / "mix")
     items = [("arc_easy", i) for i in range(4)]
-    pre, post, tokens = run.lookahead(items)
+    pre, post, tokens = baselines.lookahead(run, items)
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     rows = [run.train_enc[t][i] for t, i in items]
     n = torch.tensor([sum(l != -100 for l in labels[1:]) for _, labels in rows])

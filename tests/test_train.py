@@ -429,3 +429,26 @@ def test_the_final_model_is_reported_beside_the_global_best(tmp_path, odd):
     for folder, scores in (("model", summary["test_scores"]), ("final-model", summary["final_test_scores"])):
         run = train.Run(train.parse_args(["--out", str(tmp_path / "x"), *ODD]), tmp_path / folder, odd)
         assert run.evaluate(run.tasks, split="test") == pytest.approx(scores, abs=1e-5)
+
+
+def test_demos_file_replaces_the_drawn_shots_at_every_evaluation(tmp_path, odd):
+    """--demos FILE (the release's hand-picked demonstrations, SPEC 9 exception 3) reaches the run's evaluator: its
+    scores are evaluate.evaluate's with those demonstrations, and differ from the drawn shots'. A file missing a task
+    is refused at start-up, naming the file and the task."""
+    import evaluate
+    tasks = sorted(json.loads((odd / "manifest.json").read_text())["tasks"])
+    demos = {t: [{"question": f"{t}: which symbol comes first?", "answer": "#### a."},
+                 {"question": "and after that one?", "answer": "#### b."}] for t in tasks}
+    path = tmp_path / "demos.json"
+    path.write_text(json.dumps(demos))
+    with_demos = train.Run(train.parse_args(["--out", str(tmp_path / "a"), *ODD, "--demos", str(path)]),
+                           odd / "model", odd)
+    scores = with_demos.evaluate(with_demos.tasks)
+    direct = evaluate.evaluate(with_demos.model, with_demos.tok, with_demos.eos, with_demos.mixture, tasks, "selection",
+                               shots=0, seed=20, demos=evaluate.load_demos(path, tasks), limit=8, signal="loss")
+    assert scores == {t: -r["loss"] for t, r in direct.items()}
+    drawn = train.Run(train.parse_args(["--out", str(tmp_path / "b"), *ODD]), odd / "model", odd)
+    assert drawn.evaluate(drawn.tasks) != scores
+    path.write_text(json.dumps({t: demos[t] for t in tasks[1:]}))
+    with pytest.raises(ValueError, match=f"{path}: no list of demonstrations for task '{tasks[0]}'"):
+        train.Run(train.parse_args(["--out", str(tmp_path / "c"), *ODD, "--demos", str(path)]), odd / "model", odd)
