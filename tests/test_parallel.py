@@ -56,9 +56,10 @@ def decisions(log):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo):
-    """The same mSFT run on 1 plain rank and on 2 FSDP ranks."""
+    """The same mSFT run on 1 plain rank, on 2 FSDP ranks and on 4 DDP ranks."""
     tmp_path = tmp_path_factory.mktemp("runs")
-    finish(launch(tmp_path / "one", demo, 1), launch(tmp_path / "fsdp", demo, 2, "--fsdp"))
+    finish(launch(tmp_path / "one", demo, 1), launch(tmp_path / "fsdp", demo, 2, "--fsdp"),
+           launch(tmp_path / "four", demo, 4))
     return tmp_path
 
 
@@ -94,6 +95,18 @@ def test_two_fsdp_ranks_match_one_plain_rank(runs):
         for k in whole:
             assert parts[0][k].shape[0] < whole[k].shape[0] or whole[k].shape[0] == 1
             torch.testing.assert_close(torch.cat([p[k] for p in parts]), whole[k], rtol=0, atol=1e-5)
+
+
+def test_four_ddp_ranks_match_one_rank(runs):
+    """World 4 trains the same examples in the same steps (each rank a quarter of every global batch) and takes the
+    same decisions; the scores differ only by float rounding of the sums over ranks."""
+    a, b = read_log(runs / "one"), read_log(runs / "four")
+    assert decisions(a) == decisions(b) and any(k == "drop" for k, _, _ in decisions(a))
+    steps = lambda log: [(e["epoch"], e["examples"], e["tokens"]) for e in log if e["event"] == "train"]
+    assert steps(a) == steps(b)
+    for x, y in zip([e for e in a if e["event"] == "eval"], [e for e in b if e["event"] == "eval"]):
+        assert x["epoch"] == y["epoch"] and y["scores"] == pytest.approx(x["scores"], abs=1e-4)
+    assert b[-1]["scores"] == pytest.approx(a[-1]["scores"], abs=1e-4)
 
 
 def test_fsdp_kill_at_a_random_evaluation_then_resume(tmp_path, demo, runs):
