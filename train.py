@@ -509,7 +509,6 @@ def check_interval(run: Run):
 
 def train(args, model_dir: Path, data_dir: Path) -> dict:
     out = Path(args.out)
-    parallel.setup(args.device)
     if parallel.rank() == 0:
         runfolder.lock_folder(out)  # one writer per run folder, held until this process ends
     state_json = out / "state" / "state.json"
@@ -520,6 +519,10 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
                          "runs that must survive a kill use --snapshots disk")
     if not args.resume and state_json.is_file():
         raise SystemExit(f"{out} holds a run that can continue: pass --resume to continue it, or choose another --out")
+    _, _, _, world, device = parallel.setup(args.device)
+    if args.resume and parallel.all_sum(state_json.is_file(), device) not in (0, world):
+        raise SystemExit(f"--resume: {state_json} is there for some ranks only: --out must be on a filesystem "
+                         f"every node sees to resume (README, multi-node)")
     if args.resume and not state_json.is_file():
         print0(f"--resume: {out} has no committed checkpoint (killed before its first evaluation ended): "
                "starting it afresh")
