@@ -1,6 +1,8 @@
 """Shared test fixtures: where the real data and the real checkpoint live, and skips when absent; a command run as a
 user runs it, refused at the door."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +64,20 @@ def refused():
         assert len(lines) == 1 and "error: " in lines[0], r.stderr
         return lines[0]
     return run
+
+
+def cut_mixture(src: Path, out: Path, train, selection: int, test: int) -> Path:
+    """A mixture folder `out` holding the first rows of each task of `src` (e.g. the demo's) and a copy of its
+    model: `train` rows a task (an int, or one count per task in sorted order), `selection` and `test` rows."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    tasks = sorted(manifest["tasks"])
+    trains = dict(zip(tasks, train if isinstance(train, (list, tuple)) else [train] * len(tasks)))
+    for t in tasks:
+        (out / t).mkdir(parents=True)
+        for split, n in (("train", trains[t]), ("selection", selection), ("test", test)):
+            rows = (src / t / f"{split}.jsonl").read_text().splitlines()[:n]
+            (out / t / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
+            manifest["tasks"][t]["sizes"][split] = n
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(src / "model", out / "model")
+    return out

@@ -9,7 +9,6 @@ checkpoint and real rows). Every method's FLOPs equal the hand count 6N train + 
 eval tokens (+ the search run's), and a run killed right after a checkpoint resumes to the same log."""
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cut_mixture
 import baselines
 import data
 import msft
@@ -33,17 +33,7 @@ def mix(tmp_path_factory):
     """The demo's four tasks cut to 48 training, 16 selection and 8 test rows each (16 steps an epoch at batch 12)."""
     demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
     train.demo_checkpoint(demo)
-    out = tmp_path_factory.mktemp("mix")
-    manifest = json.loads((demo / "manifest.json").read_text())
-    for t in manifest["tasks"]:
-        (out / t).mkdir()
-        for split, n in (("train", 48), ("selection", 16), ("test", 8)):
-            rows = (demo / t / f"{split}.jsonl").read_text().splitlines()[:n]
-            (out / t / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
-            manifest["tasks"][t]["sizes"][split] = n
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(demo / "model", out / "model")
-    return out
+    return cut_mixture(demo, tmp_path_factory.mktemp("mix") / "mix", 48, 16, 8)
 
 
 def run_train(out, mix, method, *extra):

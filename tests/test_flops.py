@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import cut_mixture
 import flops
 import msft
 from model import ModelConfig, Transformer
@@ -102,16 +103,8 @@ def mix(tmp_path_factory):
     import train
     demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
     train.demo_checkpoint(demo)
-    out = tmp_path_factory.mktemp("mix")
-    manifest = json.loads((demo / "manifest.json").read_text())
-    for task in manifest["tasks"]:
-        (out / task).mkdir()
-        for split, n in (("train", 40), ("selection", 8), ("test", 8)):
-            rows = (demo / task / f"{split}.jsonl").read_text().splitlines()[:n]
-            (out / task / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
-            manifest["tasks"][task]["sizes"][split] = n
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out, demo / "model"
+    out = cut_mixture(demo, tmp_path_factory.mktemp("mix") / "mix", 40, 8, 8)
+    return out, out / "model"
 
 
 def test_a_real_msft_run_costs_what_its_log_and_appendix_f_say(tmp_path, mix):

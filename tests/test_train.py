@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cut_mixture
 import data
 import msft
 import train
@@ -228,17 +228,7 @@ def test_smollm2_finetunes_with_msft_on_real_rows(tmp_path, smollm2, shared_data
 def odd(tmp_path_factory, demo):
     """The demo's tasks cut to 37, 29, 45 and 23 training rows: no size, nor their sum (134), is a multiple of a
     batch of 5, so the last step of every epoch is a short one."""
-    out = tmp_path_factory.mktemp("odd")
-    manifest = json.loads((demo / "manifest.json").read_text())
-    for t, n_train in zip(sorted(manifest["tasks"]), (37, 29, 45, 23)):
-        (out / t).mkdir()
-        for split, n in (("train", n_train), ("selection", 8), ("test", 8)):
-            rows = (demo / t / f"{split}.jsonl").read_text().splitlines()[:n]
-            (out / t / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
-            manifest["tasks"][t]["sizes"][split] = n
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(demo / "model", out / "model")
-    return out
+    return cut_mixture(demo, tmp_path_factory.mktemp("odd") / "odd", (37, 29, 45, 23), 8, 8)
 
 
 ODD = ["--interval", "0.25", "--signal", "loss", "--eval-limit", "8", "--batch-size", "5", "--micro-batch", "3",
