@@ -592,10 +592,6 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     return final
 
 
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def demo_checkpoint(data_dir: Path) -> Path:
     """The demo's tiny model, seeded random weights, saved as a hub-layout checkpoint with the demo tokenizer."""
     folder = data_dir / "model"
@@ -632,7 +628,7 @@ def demo(args, given: set[str]):
         parallel.barrier()
         results[method] = train(a, data_dir / "model", data_dir)
     if "sft" in results:  # the heterogeneous overfitting mSFT is for: every task peaks at its own epoch
-        evals = [e for e in read_log(root / "sft" / "log.jsonl") if e["event"] == "eval"]
+        evals = [e for e in data.read_jsonl(root / "sft" / "log.jsonl") if e["event"] == "eval"]
         print0("\nSFT selection scores by epoch (* = the task's peak):")
         tasks = sorted(evals[0]["scores"])
         print0("epoch  " + " ".join(f"{t[:10]:>10}" for t in tasks) + "        avg")
@@ -643,7 +639,7 @@ def demo(args, given: set[str]):
                 print0(f"{e['epoch']:5.2f}  " + " ".join(cells) + f" {e['avg']:10.3f}")
         print0("peak epoch per task: " + ", ".join(f"{t} {peak[t]:.2f}" for t in tasks))
     if "msft" in results:
-        for e in read_log(root / "msft" / "log.jsonl"):
+        for e in data.read_jsonl(root / "msft" / "log.jsonl"):
             if e["event"] == "decision" and e["kind"] == "drop":
                 print0(f"mSFT stage {e['stage']}: excluded {', '.join(e['excluded'])}, rolled back to epoch "
                        f"{e['rollback_epoch']:.2f}")
