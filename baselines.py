@@ -1,17 +1,18 @@
-"""The baselines mSFT is compared with (SPEC section 5), each one function over train.py's Run primitives.
+"""The baselines mSFT is compared with (SPEC section 5), each one function over train.py's Run, with their flags.
 
     python train.py --method continual --model DIR --data MIXTURE --out runs/continual
     python train.py --method sro --model DIR --data MIXTURE --out runs/sro --search-log runs/sft/log.jsonl
     python train.py --method soft-sro --model DIR --data MIXTURE --out runs/soft-sro    # runs its own search first
     python train.py --method ies --model DIR --data MIXTURE --out runs/ies
     python train.py --method dynamix --model DIR --data MIXTURE --out runs/dynamix
-    python -m pytest -q tests/test_baselines.py
 
-Every method is `run_x(run, store, state) -> best`, like train.run_sft: it says which tasks or examples are trained,
-with what weight, and when it rolls back; Run trains, evaluates, snapshots, logs and counts FLOPs for all of them.
-Each evaluates every task every --interval, logs an `eval` event with SFT's fields (plus the tokens it took),
-keeps the checkpoint with the best average over all tasks in the store (the chosen model, scored on test by
-train.train) and checkpoints its plain-JSON `state` after every evaluation, so a killed run resumes from there.
+train.py plugs this module in at three lines: add_flags (the flags below), flag_checks, and attach(run), which gives
+the run this module's sampler (skipped examples for IES, task weights for Soft SRO and DynamixSFT) and returns the
+method. Every method is `run_x(run, store, state) -> (best, last)`, like train.run_sft: it says which tasks or
+examples are trained, with what weight, and when it rolls back; Run trains, evaluates, snapshots, logs and counts
+FLOPs for all of them. Each evaluates every task every --interval, keeps the checkpoint with the best average over
+all tasks (scored on test by runfolder.report) and commits its plain-JSON state after every evaluation
+(msft.commit), so a killed run resumes from there.
 """
 import json
 import math
@@ -21,80 +22,148 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import common
 import data
 import msft
-import parallel
+import prepare
 from model import example_losses
 
 EPS = msft.EPS
 ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (SPEC 5)
 
 
+def add_flags(p):
+    number = common.number
+    p.add_argument("--task-order", nargs="+", default=None,
+                   help="continual: train the tasks in this order (default: the paper's listing order, SPEC 7)")
+    p.add_argument("--search-log", default=None,
+                   help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
+                        "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
+    p.add_argument("--ies-threshold", type=number(float, above=0), default=1e-3,
+                   help="ies: an example whose mean |second difference| of loss is under this is left out of backprop")
+    p.add_argument("--ies-window", type=number(int, at_least=1), default=3,
+                   help="ies: epochs that mean is over (the reference code: 3; an example can leave after window + 3 "
+                        "epochs at the earliest)")
+    p.add_argument("--dynamix-every", type=number(int, at_least=0), default=0,
+                   help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
+    p.add_argument("--dynamix-batch", type=number(int, at_least=1), default=8,
+                   help="dynamix: examples per task in each look-ahead")
+    p.add_argument("--dynamix-beta", type=number(float, at_least=0), default=4.0,
+                   help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
+
+
+def flag_checks(args) -> list[tuple[bool, str]]:
+    return [(args.task_order is None or args.method == "continual", "--task-order is for --method continual"),
+            (args.search_log is None or args.method in ("sro", "soft-sro"), "--search-log is for --method sro or soft-sro"),
+            (not (args.fsdp and args.method == "dynamix"), "--fsdp does not support --method dynamix yet (its look-ahead "
+                                                           "deals tasks to ranks): run it without --fsdp")]
+
+
+def attach(run):
+    """This module's sampler in place of the run's (before a resume loads its state), and the method to run."""
+    s = run.sampler
+    run.sampler = Sampler(s.sizes, s.batch, s.seed)
+    return {"continual": run_continual, "sro": run_sro, "soft-sro": run_soft_sro, "ies": run_ies,
+            "dynamix": run_dynamix}[run.args.method]
+
+
+class Sampler(data.MixtureSampler):
+    """data.MixtureSampler with two more modes. Skipped examples (IES): a pass goes over the active examples that are
+    not skipped, and a new set of skipped examples starts a new pass. Task weights (Soft SRO, DynamixSFT): each slot
+    of a step picks task i with probability w_i / sum(active w), then the next example of that task's own seeded
+    cycle (no repeats within a task until it is used up); a pass is then as many draws as there are active
+    examples, so epochs keep their length."""
+
+    def __init__(self, sizes, batch, seed):
+        super().__init__(sizes, batch, seed)
+        self.skip: frozenset = frozenset()              # (task, index) left out of the passes
+        self.weights = None
+        self.cursors = {t: [0, 0] for t in self.tasks}  # weighted mode: task -> [cycle, position]
+
+    def items(self):
+        return [(t, i) for t, i in super().items() if (t, i) not in self.skip]
+
+    @property
+    def size(self) -> int:
+        return super().size - sum(t in self.active for t, _ in self.skip)
+
+    def set_skip(self, items):
+        items = frozenset((t, int(i)) for t, i in items)
+        bad = [(t, i) for t, i in items if t not in self.sizes or not 0 <= i < self.sizes[t]]
+        if bad:
+            raise ValueError(f"no example {bad[0]} to skip: the sampler has {self.sizes}")
+        if items != self.skip:
+            self.skip = items
+            self.new_pass()
+
+    def set_weights(self, weights: dict[str, float] | None):
+        if weights is not None:
+            bad = {t: w for t, w in weights.items() if t not in self.sizes
+                   or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+            if bad:
+                raise ValueError(f"weights must be finite and >= 0, for tasks of {', '.join(self.tasks)}: got {bad}")
+            weights = {t: float(w) for t, w in sorted(weights.items())}
+        self.weights = weights
+
+    def draw(self, take: int) -> list[tuple[str, int]]:
+        if self.weights is None:
+            return super().draw(take)
+        missing = [t for t in self.active if t not in self.weights]
+        if missing:
+            raise ValueError(f"active task {missing[0]!r} has no weight (set_weights must cover every active task)")
+        w = np.array([self.weights[t] for t in self.active])
+        if w.sum() <= 0:
+            raise ValueError(f"the active tasks {self.active} all have weight 0")
+        batch = []
+        for k in np.random.default_rng([self.seed, 1, self.step]).choice(len(w), size=take, p=w / w.sum()):
+            task = self.active[k]
+            while True:  # the task's own cycle, passing over skipped examples
+                cycle, pos = self.cursors[task]
+                i = int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])
+                self.cursors[task] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+                if (task, i) not in self.skip:
+                    break
+            batch.append((task, i))
+        return batch
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "skip": sorted(map(list, self.skip)), "weights": self.weights,
+                "cursors": {t: list(c) for t, c in self.cursors.items()}}
+
+    def load_state_dict(self, d: dict):
+        super().load_state_dict(d)
+        self.skip = frozenset((t, i) for t, i in d["skip"])
+        self.weights = d["weights"]
+        self.cursors = {t: list(c) for t, c in d["cursors"].items()}
+
+
 # -----------------------------------------------------------------------------
-# shared by every method: its state, an evaluation, and the checkpoint after it
+# what every baseline shares
 
 def start(run, store, state: dict | None, **fresh) -> dict:
-    """A resumed state with its snapshots synced, or a new one: epoch, evaluations so far (the next checkpoint's
-    id), the best average, the snapshots the method holds besides the best (`hold`), whether it is done."""
+    """A resumed state with its snapshots in the store (msft.keep), or a new one."""
     if state is not None:
-        sync(run, store, state)
+        msft.keep(run, store, state)
         return state
-    return {"epoch": 0.0, "evals": 0, "best": None, "model_at": None, "hold": [], "done": False, **fresh}
+    return msft.method_state(**fresh)
 
 
 def evaluate(run, state: dict, stage: int, active: list[str]) -> dict:
-    """Score every task on the model as it is (checkpoint number state["evals"], at state["epoch"]); the best
-    average so far (the earliest on ties) becomes state["best"]. Returns the eval event, for commit to log."""
-    scores = run.evaluate(run.tasks)
-    avg = sum(scores.values()) / len(scores)
-    if state["best"] is None or avg > state["best"]["avg"]:
-        state["best"] = {"id": state["evals"], "epoch": state["epoch"], "avg": avg}
-    state["model_at"] = {"id": state["evals"], "epoch": state["epoch"]}
-    state["evals"] += 1
-    return {"event": "eval", "stage": stage, "epoch": state["epoch"], "active": sorted(active),
-            "evaluated": list(run.tasks), "scores": scores, "avg": avg}
-
-
-def commit(run, store, state: dict, events: list[dict]):
-    """Log the events (the evaluation first), checkpoint the state, then make the store hold exactly the snapshots
-    it names. In that order, as in msft.run_msft: a kill at any moment leaves every snapshot the last checkpoint
-    needs but possibly the newest, which the resumed run takes again from the model it restored."""
-    events[0]["snapshots_held"] = len(wanted(state))
-    for e in events:
-        run.log(e)
-    run.checkpoint(state)
-    sync(run, store, state)
-
-
-def wanted(state: dict) -> set[int]:
-    return set(state["hold"]) | ({state["best"]["id"]} if state["best"] else set())
-
-
-def sync(run, store, state: dict):
-    keep = wanted(state)
-    for i in store.ids():
-        if i not in keep:
-            store.drop(i)
-    for i in sorted(keep - set(store.ids())):
-        # only the checkpoint just evaluated can be missing: the model still holds it. Rank 0 holds the snapshots;
-        # the other ranks keep empty stand-ins (run.snapshot() is {} there), as train.run_sft
-        if run.holds_snapshots and i != state["model_at"]["id"]:
-            raise FileNotFoundError(f"{store}: snapshot {i} is missing, but the run needs it to continue")
-        store.save(i, run.snapshot(), {"epoch": state["model_at"]["epoch"]})
+    return msft.score(run, run.tasks, state, stage, active)
 
 
 def done(run, state: dict, stage: int, excluded=()) -> dict:
     """The last decision: the chosen checkpoint, and the FLOPs and token counts so far (before the test split)."""
     return {"event": "decision", "stage": stage, "kind": "done", "excluded": list(excluded), "rollback_epoch": None,
             "epoch": state["epoch"], "best_epoch": state["best"]["epoch"], "best_avg": state["best"]["avg"],
-            "flops": run.flops.report(), "flop_tokens": dict(run.flops.tokens)}
+            "flops": {}}
 
 
-def advance(run, state: dict, active: list[str], origin: float, end: float, weights: dict | None = None):
+def advance(run, state: dict, active: list[str], origin: float, end: float):
     """Train `active` (trained together since epoch `origin`) up to the next evaluation: one --interval, or less so
     as not to pass epoch `end`."""
     state["epoch"] = round(min(state["epoch"] + run.args.interval, end), 9)
-    run.train(active, origin, state["epoch"], weights)
+    run.train(active, origin, state["epoch"])
 
 
 # -----------------------------------------------------------------------------
@@ -102,12 +171,12 @@ def advance(run, state: dict, active: list[str], origin: float, end: float, weig
 
 def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
     """Continual SFT (Scialom et al. 2022): the tasks one after another (--task-order; default the paper's listing
-    order, data.TASKS, then a user's own tasks by name), each trained alone for --budget epochs and evaluated every
+    order, prepare.TASKS, then a user's own tasks by name), each trained alone for --budget epochs and evaluated every
     interval, then rolled back to its own best checkpoint (the earliest where that task's score is highest, the
     phase's start included); the next task starts there, and the last task's best is the final model. Its epochs
     add up each task's own; `mixture_epoch` weighs each by the task's share of the mixture, comparable with SFT's."""
     a = run.args
-    order = a.task_order or sorted(run.tasks, key=lambda t: (data.TASKS.index(t), "") if t in data.TASKS else (99, t))
+    order = a.task_order or sorted(run.tasks, key=lambda t: (prepare.TASKS.index(t), "") if t in prepare.TASKS else (99, t))
     if sorted(order) != run.tasks:
         raise SystemExit(f"--task-order {' '.join(order)}: expected each of the run's tasks {run.tasks} once")
     share = {t: len(run.train_enc[t]) / sum(len(e) for e in run.train_enc.values()) for t in run.tasks}
@@ -141,7 +210,7 @@ def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
                 state.update(phase=k + 1, epoch=best["epoch"], phase_start=best["epoch"], started=False,
                              mixture_base=best["mixture_epoch"])
         state["hold"] = [best["id"]]
-        commit(run, store, state, events)
+        msft.commit(run, store, state, events)
     run.restore(store.load(state["task_best"]["id"]))
     return state["best"], state["task_best"]
 
@@ -161,7 +230,7 @@ def search(run, store, state: dict | None) -> dict:
     (ii), with the model back at the base and the sampler as it was at the start."""
     a = run.args
     if state is not None:
-        sync(run, store, state)
+        msft.keep(run, store, state)
     elif a.search_log:
         path = Path(a.search_log)
         if not path.is_file():
@@ -221,7 +290,7 @@ def search(run, store, state: dict | None) -> dict:
             # phase (ii) numbers its checkpoints from 0 again: its checkpoint 0 is the base, as the search's was
             state.update(phase="train", peaks=peaks, search_epochs=state["epoch"], active=list(run.tasks),
                          origin=0.0, epoch=0.0, evals=0, best=None, started=False)
-        commit(run, store, state, events)
+        msft.commit(run, store, state, events)
     if not state["started"]:
         run.restore(store.load(0))
         run.sampler.load_state_dict(state["sampler0"])
@@ -247,7 +316,7 @@ def run_sro(run, store, state: dict | None) -> tuple[dict, dict]:
         if not state["active"] or state["epoch"] >= state["search_epochs"] - EPS:
             state["done"] = True
             events.append(done(run, state, 1, [t for t in run.tasks if t not in state["active"]]))
-        commit(run, store, state, events)
+        msft.commit(run, store, state, events)
     return state["best"], state["model_at"]
 
 
@@ -257,9 +326,10 @@ def run_soft_sro(run, store, state: dict | None) -> tuple[dict, dict]:
     state = search(run, store, state)
     mean = sum(state["peaks"].values()) / len(state["peaks"])
     weights = {t: p / mean for t, p in state["peaks"].items()} if mean > 0 else None  # None: all peak at the base
+    run.sampler.set_weights(weights)
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, run.tasks, 0.0, state["search_epochs"], weights)
+            advance(run, state, run.tasks, 0.0, state["search_epochs"])
         events = [evaluate(run, state, 1, run.tasks)]
         if state["evals"] == 1:
             events.append({"event": "decision", "stage": 1, "kind": "weights", "excluded": [], "rollback_epoch": None,
@@ -267,7 +337,7 @@ def run_soft_sro(run, store, state: dict | None) -> tuple[dict, dict]:
         if weights is None or state["epoch"] >= state["search_epochs"] - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
-        commit(run, store, state, events)
+        msft.commit(run, store, state, events)
     return state["best"], state["model_at"]
 
 
@@ -286,33 +356,32 @@ def ies_left_out(losses: list[float], window: int, threshold: float) -> bool:
 
 
 @torch.no_grad()
-def measure(run, items: list[tuple[str, int]]) -> int:
-    """IES: the mean token losses of examples left out of backprop, by forward-only passes (2 N FLOPs a token),
-    into example_loss; returns the tokens it took over all ranks. Dealt to the ranks as in train_step."""
+def measure(run, items: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[float], int]:
+    """IES: the mean answer-token losses of examples left out of backprop, by forward-only passes (2 N FLOPs a
+    token), dealt to the ranks as a training batch is: (the items, their losses, the tokens over all ranks)."""
     items = sorted(items, key=lambda x: len(run.train_enc[x[0]][x[1]][0]))
-    real = 0
-    for part in data.micro_batches(len(items), run.world, run.args.micro_batch)[run.rank]:
-        if not part and not (run.fsdp and items):
-            continue
-        # under FSDP a rank with nothing left in this pass still joins the others' all-gathers
+    out = torch.zeros(len(items) + 1, dtype=torch.float64)  # each item's loss; the tokens
+    for part in data.micro_batches(len(items), run.world, run.args.micro_batch)[run.rank] if items else []:
+        # a rank with nothing left in this pass still runs one (FSDP's all-gathers need every rank)
         rows = [run.train_enc[t][i] for t, i in (items[j] for j in part or [0])]
-        idx, targets = (x.to(run.device) for x in data.collate(rows, run.pad))
+        idx, targets = (x.to(run.device) for x in data.collate(rows, run.eos))
         with run.autocast:
             losses = example_losses(run.model(idx), targets)  # the module itself: no DDP all-reduce
-        for j, l, n in zip(part, losses.tolist(), (targets != -100).sum(1).tolist()):
-            t, i = items[j]
-            run.example_loss[t][i][0] += l / n
-            run.example_loss[t][i][1] += 1
-        real += sum(len(ids) - 1 for ids, _ in rows) if part else 0
-    real = parallel.all_sum(real, run.device)
-    run.flops.forward(real)
-    return real
+        if part:
+            out[list(part)] = losses.double().cpu() / (targets != -100).sum(1).cpu()
+            out[-1] += sum(len(ids) - 1 for ids, _ in rows)
+    if dist.is_initialized():
+        out = out.to(run.device)
+        dist.all_reduce(out)
+    *losses, tokens = out.tolist()
+    run.flops.forward(tokens)
+    return items, losses, int(tokens)
 
 
 def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
     """IES: SFT's schedule (the whole mixture for --max-epochs) with mastered examples left out. Each epoch is one
     pass over the examples not left out, in full-size steps (so fewer steps as examples leave); each trained
-    example's loss is recorded from its training forward (Run.example_loss), and after the epoch the left-out ones'
+    example's loss is recorded from its training forward (Run.on_losses), and after the epoch the left-out ones'
     losses are measured forward-only (measure). Those join every example's history and the left-out set is
     recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
     a = run.args
@@ -321,23 +390,20 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
     state = start(run, store, state, losses={t: [[] for _ in range(n)] for t, n in sizes.items()},
                   window={t: [[0.0, 0] for _ in range(n)] for t, n in sizes.items()},
                   left_out={t: [] for t in run.tasks}, closed=0)
-    # this epoch's [loss sum, count] per example: rank 0 carries the sums checkpointed so far, other ranks add theirs
-    run.example_loss = {t: [list(w) if run.rank == 0 else [0.0, 0] for w in ws] for t, ws in state["window"].items()}
+
+    def record(items, losses):  # this epoch's [loss sum, count] of each example, in the state it checkpoints
+        for (t, i), loss in zip(items, losses):
+            state["window"][t][i][0] += loss
+            state["window"][t][i][1] += 1
+    run.on_losses.append(record)
     run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
     while not state["done"]:
         if state["evals"]:
             advance(run, state, run.tasks, state["closed"], run.sft_epochs)
         closing = math.floor(state["epoch"] + EPS) > state["closed"]  # an epoch ended
         if closing:
-            measured = measure(run, sorted(run.sampler.skip))
-        # every rank recorded its own micro-batches: sum them, and leave the sums on rank 0 only, so that the
-        # next sum counts each loss once
-        for t in run.tasks:
-            w = torch.tensor(run.example_loss[t], dtype=torch.float64, device=run.device)
-            if dist.is_initialized():
-                dist.all_reduce(w)
-            run.example_loss[t] = w.tolist() if run.rank == 0 else [[0.0, 0] for _ in w]
-            state["window"][t] = w.tolist()
+            *measured, tokens = measure(run, sorted(run.sampler.skip))
+            record(*measured)
         events = [evaluate(run, state, 1, run.tasks)]
         if closing:  # every example has its loss of this epoch: recompute the left-out set
             for t in run.tasks:
@@ -347,18 +413,17 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
                 state["left_out"][t] = [i for i, h in enumerate(state["losses"][t])
                                         if ies_left_out(h, a.ies_window, a.ies_threshold)]
                 state["window"][t] = [[0.0, 0] for _ in range(sizes[t])]
-                run.example_loss[t] = [[0.0, 0] for _ in range(sizes[t])]
             run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
             state["closed"] = math.floor(state["epoch"] + EPS)
             events.append({"event": "ies", "epoch": state["epoch"], "left_out": len(run.sampler.skip),
                            "by_task": {t: len(ids) for t, ids in state["left_out"].items()},
-                           "examples": sum(sizes.values()), "forward_tokens": int(measured)})
+                           "examples": sum(sizes.values()), "forward_tokens": tokens})
         if state["epoch"] >= run.sft_epochs - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
-        commit(run, store, state, events)
+        msft.commit(run, store, state, events)
     run.sampler.set_skip(())
-    run.example_loss = None
+    run.on_losses.remove(record)
     return state["best"], state["model_at"]
 
 
@@ -379,7 +444,7 @@ def lookahead(run, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Te
     the training precision: at lr 1e-5 a bf16 step rounds most updates away, and the rewards with them."""
     params = list(run.model.parameters())
     saved = [p.detach().clone() for p in params]
-    idx, targets = (x.to(run.device) for x in data.collate([run.train_enc[t][i] for t, i in items], run.pad))
+    idx, targets = (x.to(run.device) for x in data.collate([run.train_enc[t][i] for t, i in items], run.eos))
     n = (targets != -100).sum(1)
     run.model.float()
     try:
@@ -412,7 +477,7 @@ def run_dynamix(run, store, state: dict | None) -> tuple[dict, dict]:
     q0 = {t: 0.0 for t in run.tasks}
     state = start(run, store, state, q=q0, weights=dynamix_weights(q0, p0, a.dynamix_beta))
 
-    def update():  # Run.on_step: before each optimizer step
+    def update():  # Run.before_step: before each optimizer step
         if run.step % every:
             return
         rewards = torch.zeros(len(run.tasks), dtype=torch.float64, device=run.device)
@@ -438,14 +503,15 @@ def run_dynamix(run, store, state: dict | None) -> tuple[dict, dict]:
         run.log({"event": "dynamix", "epoch": round(run.epoch, 6), "rewards": r, "q": state["q"],
                  "weights": state["weights"], "lookahead_tokens": int(tokens.item())})
 
-    run.on_step = update
+    run.before_step.append(update)
     while not state["done"]:
         if state["evals"]:
-            advance(run, state, run.tasks, 0.0, run.sft_epochs, state["weights"])
+            run.sampler.set_weights(state["weights"])
+            advance(run, state, run.tasks, 0.0, run.sft_epochs)
         events = [evaluate(run, state, 1, run.tasks)]
         if state["epoch"] >= run.sft_epochs - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
-        commit(run, store, state, events)
-    run.on_step = None
+        msft.commit(run, store, state, events)
+    run.before_step.remove(update)
     return state["best"], state["model_at"]

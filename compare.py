@@ -9,7 +9,7 @@ Each method (and seed) is one `python train.py` subprocess writing to OUT/<metho
 (summary.json present) is skipped, a killed one continued with train.py --resume, so the same command picks up
 where it stopped. sft runs first: sro and soft-sro take its log as their search phase (--search-log). Flags after
 `--` go to every train.py run. With no --model/--data the demo mixture is built in OUT/data and the demo's flags
-are used (data.DEMO_ARGS; flags after `--` override them).
+are used (demo.DEMO_ARGS; flags after `--` override them).
 
 Writes to OUT:
 - table.md, table.json: per method the test score of the chosen checkpoint per task and on average, and the
@@ -29,9 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cli
-import data
-import runfolder
+import common
+import demo
 import train
 
 REPO = Path(__file__).resolve().parent
@@ -62,11 +61,11 @@ def read_run(folder: Path) -> dict:
         log.append(event)
     summary = None
     if (folder / "summary.json").is_file():
-        summary = cli.read_json(folder / "summary.json")
+        summary = common.read_json(folder / "summary.json")
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise SystemExit(f"{folder}/summary.json: missing {missing} (expected train.py's summary)")
-    return {"name": folder.name, "args": cli.read_json(folder / "args.json"), "log": log, "summary": summary}
+    return {"name": folder.name, "args": common.read_json(folder / "args.json"), "log": log, "summary": summary}
 
 
 def find_runs(root: Path) -> dict[str, list[dict]]:
@@ -339,9 +338,9 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
 def report(root: Path) -> dict:
     runs = find_runs(root)
     tbl = make_table(runs)
-    runfolder.write_text(root / "table.json", json.dumps(tbl, indent=1) + "\n")
+    common.write_text(root / "table.json", json.dumps(tbl, indent=1) + "\n")
     md = markdown(tbl)
-    runfolder.write_text(root / "table.md", md)
+    common.write_text(root / "table.md", md)
     print("\n" + md)
     for path in plot(runs, root):
         print(f"wrote {path}")
@@ -364,9 +363,9 @@ def run_methods(args, extra: list[str]):
                          f"(--methods, --model, --data, --out, --seeds); drop them")
     root = Path(args.out).resolve()
     if args.model is None and args.data is None:  # the built-in demo: its mixture, tiny model and flags
-        data_dir = data.make_demo(root / "data")
-        model = str(train.demo_checkpoint(data_dir))
-        extra = [x for k, v in data.DEMO_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))] + extra
+        data_dir = demo.make_demo(root / "data")
+        model = str(demo.demo_checkpoint(data_dir))
+        extra = [x for k, v in demo.DEMO_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))] + extra
     elif args.model is None or args.data is None:
         raise SystemExit("give both --model and --data (or neither, for the built-in demo)")
     else:
@@ -387,9 +386,9 @@ def run_methods(args, extra: list[str]):
             plan.append((root / f"{m}{tag}", argv, vars(train.parse_args(argv))))
     for folder, argv, want in plan:
         if (folder / "summary.json").is_file():
-            saved = cli.read_json(folder / "args.json")
+            saved = common.read_json(folder / "args.json")
             diff = {k: (saved.get(k), v) for k, v in want.items()
-                    if k not in ("resume", "log_every", "out", "search_log") and saved.get(k) != v}
+                    if k not in ("resume", "progress", "out", "search_log") and saved.get(k) != v}
             if diff:
                 raise SystemExit(f"{folder} is a finished run with other arguments {diff} (saved, now): remove it "
                                  f"or choose another --out")
@@ -438,7 +437,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the demo's tiny model)")
     p.add_argument("--data", default=None, help="mixture folder from `python data.py prepare` (default: the demo's)")
     p.add_argument("--out", default="runs/compare", help="where the run folders, tables and plots go")
-    p.add_argument("--seeds", nargs="+", type=cli.number(int, at_least=0), default=None,
+    p.add_argument("--seeds", nargs="+", type=common.number(int, at_least=0), default=None,
                    help="one run per method and seed, in <method>-seed<N>/ (default: train.py's seed, in <method>/)")
     p.add_argument("--report", metavar="DIR", default=None, help="only rebuild the tables and plots of DIR's runs")
     args = p.parse_args(argv)
@@ -453,4 +452,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

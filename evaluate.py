@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import cli
-import runfolder
-from data import encode_prompts, format_prompt, format_target, load_mixture, load_tokenizer
-from model import KVCache, Transformer, resolve_checkpoint
+import common
+from data import check_vocabulary, encode_prompts, format_prompt, format_target, load_mixture, load_tokenizer
+from hub import resolve_checkpoint
+from model import KVCache, Transformer
 
 MARK = "####"  # the answer follows it
 PROMPT_ENDS = {"release": " ", "consistent": ""}  # what follows the asked question's "A:"
@@ -355,7 +355,7 @@ def load_demos(path, tasks) -> dict[str, list[tuple[str, str]]]:
     """--demos FILE: JSON {task: [{"question": ..., "answer": ...}, ...]}, each entry shown as
     "Q: {question}\\nA: {answer}\\n"; every task in `tasks` needs at least one. Errors name the file and the entry."""
     try:
-        d = cli.read_json(path)
+        d = common.read_json(path)
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     demos = {}
@@ -373,27 +373,27 @@ def load_demos(path, tasks) -> dict[str, list[tuple[str, str]]]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     # what to evaluate
     ap.add_argument("--model", required=True, help="checkpoint folder in hub layout, or a hub id")
     ap.add_argument("--data", required=True, help="prepared mixture folder (python data.py prepare ...)")
     ap.add_argument("--tasks", nargs="+", default=None, help="tasks to evaluate (default: all in --data)")
     ap.add_argument("--split", choices=["selection", "test", "train"], default="selection",
                     help="split to evaluate (the official code reports test)")
-    ap.add_argument("--limit", type=cli.number(int, at_least=1), default=None,
+    ap.add_argument("--limit", type=common.number(int, at_least=1), default=None,
                     help="evaluate only the first N examples of each task (default: all)")
     # the prompt
-    ap.add_argument("--shots", type=cli.number(int, at_least=0), default=5,
+    ap.add_argument("--shots", type=common.number(int, at_least=0), default=5,
                     help="demonstrations before each question, from the training split")
-    ap.add_argument("--seed", type=cli.number(int, at_least=0), default=20, help="picks the demonstrations")
+    ap.add_argument("--seed", type=common.number(int, at_least=0), default=20, help="picks the demonstrations")
     ap.add_argument("--demos", default=None, help="JSON file {task: [{\"question\": ..., \"answer\": ...}, ...]}: "
                     "these demonstrations, as written, before every question instead of --shots drawn ones")
     ap.add_argument("--prompt-end", choices=list(PROMPT_ENDS), default="release",
                     help="release: the question ends 'A: ' as in the authors' code; consistent: 'A:', so the first "
                     "token asked for is the trained ' ####'")
     # how
-    ap.add_argument("--batch-size", type=cli.number(int, at_least=1), default=32, help="questions decoded together")
-    ap.add_argument("--max-new-tokens", type=cli.number(int, at_least=1), default=512,
+    ap.add_argument("--batch-size", type=common.number(int, at_least=1), default=32, help="questions decoded together")
+    ap.add_argument("--max-new-tokens", type=common.number(int, at_least=1), default=512,
                     help="generation cap (the release's 512)")
     ap.add_argument("--signal", choices=["acc", "loss"], default="acc", help="loss: gold-target loss only, no "
                     "generation (cheap)")
@@ -401,7 +401,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache dtype")
     # output
-    ap.add_argument("--progress", type=cli.number(float, above=0), default=60,
+    ap.add_argument("--progress", type=common.number(float, above=0), default=60,
                     help="seconds between progress lines (stderr) in a task")
     ap.add_argument("--out", default=None, help="folder for results.json (arguments, per-task figures) and "
                     "predictions.jsonl (a line a question)")
@@ -412,7 +412,7 @@ def main(argv=None):
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            runfolder.write_text(out / ".probe", "")
+            common.write_text(out / ".probe", "")
             (out / ".probe").unlink()
         except OSError as e:
             ap.error(f"--out {args.out}: not a writable folder ({e.strerror or e})")
@@ -431,9 +431,7 @@ def main(argv=None):
     folder = resolve_checkpoint(args.model)
     tok, eos_id = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype))
-    if tok.get_vocab_size() > model.config.vocab_size:  # ids past the embedding would fail mid-run, or read garbage
-        raise ValueError(f"{folder}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}")
+    check_vocabulary(tok, model.config.vocab_size, folder)
 
     print(f"{'task':<16}{'n':>6}{'acc':>7}{'95% CI':>15}{'unparsed':>10}  {'top answer (share)':<24}{'loss':>7}"
           f"{'tokens':>11}{'paper tok':>11}{'seconds':>9}")
@@ -458,9 +456,9 @@ def main(argv=None):
         print(f"{task:<16}{r['n']:>6}{acc:>7}{ci:>15}{unparsed:>10}  {top:<24}{loss:>7}{r['tokens']:>11}"
               f"{r['paper_tokens']:>11}{r['seconds']:>9.1f}", flush=True)
         if args.out:  # after every task, so a long run that stops keeps what it finished
-            runfolder.write_text(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-            runfolder.write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            common.write_text(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+            common.write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

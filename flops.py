@@ -61,6 +61,7 @@ class FlopCounter:
             raise ValueError(f"n_params must be a positive integer, got {n_params!r}")
         self.n_params = n_params
         self.tokens = {kind: 0 for kind in FLOPS_PER_PARAM_TOKEN}
+        self.paper_last, self.excluded = {}, []  # Appendix F's count: each task's latest evaluation, mSFT's excluded
 
     def add(self, kind: str, tokens):
         # token counts arrive as floats after an all-reduce: accept whole numbers only
@@ -80,6 +81,23 @@ class FlopCounter:
     def eval(self, tokens):
         self.add("eval", tokens)
 
+    def count_paper(self, event: dict, evaluated: dict, stage_wise: bool):
+        """Every logged event goes through here. An eval event gets its cost both ways (`evaluated`: evaluate.py's
+        results): eval_tokens, as run, and paper_tokens, each task's prompts whole. Appendix F counts every task
+        evaluated at every checkpoint, except for mSFT (stage_wise): its active tasks at every checkpoint and the
+        excluded ones once a stage. A method's last decision (with "flops") gets the report so far."""
+        if event["event"] == "eval":
+            event["eval_tokens"] = sum(r["tokens"] for r in evaluated.values())
+            event["paper_tokens"] = {t: r["paper_tokens"] for t, r in evaluated.items()}
+            self.paper_last.update(event["paper_tokens"])
+            counted = event["active"] if stage_wise else event["evaluated"]
+            self.add("paper_eval", sum(event["paper_tokens"].get(t, 0) for t in counted))
+        elif stage_wise and event["event"] == "decision" and event["kind"] in ("drop", "no_drop"):
+            self.excluded += event["excluded"]
+            self.add("paper_eval", sum(self.paper_last[t] for t in self.excluded))
+        if "flops" in event:
+            event["flops"], event["flop_tokens"] = self.report(), dict(self.tokens)
+
     def report(self) -> dict[str, int]:
         """{"train", "eval", "total"}: the method's cost in the tokens actually run (our evaluator computes a shared
         few-shot prefix once); "paper_eval", "paper_total": Appendix F's count of the same run (every evaluated
@@ -91,7 +109,8 @@ class FlopCounter:
                 "paper_eval": f["paper_eval"], "paper_total": train + f["paper_eval"], "paper_test": f["paper_test"]}
 
     def state_dict(self) -> dict:
-        return {"n_params": self.n_params, "tokens": dict(self.tokens)}
+        return {"n_params": self.n_params, "tokens": dict(self.tokens), "paper_last": dict(self.paper_last),
+                "excluded": list(self.excluded)}
 
     def load_state_dict(self, d: dict):
         if not isinstance(d, dict) or d.get("n_params") != self.n_params or \
@@ -100,3 +119,4 @@ class FlopCounter:
         for kind, n in d["tokens"].items():
             self.tokens[kind] = 0
             self.add(kind, n)
+        self.paper_last, self.excluded = dict(d.get("paper_last", {})), list(d.get("excluded", []))

@@ -5,30 +5,25 @@
     logits = model(idx)                                                 # (B, T, vocab)
     logits, loss = model(idx, targets)                                  # + mean cross-entropy over targets != -100
     h = model(idx, hidden=True)                                         # (B, T, dim): apply model.lm_head where read
-    model.save_pretrained("out/model")                                  # loads in transformers unchanged
+    hub.save_pretrained(model, "out/model")                             # loads in transformers unchanged
 
 The architectures differ in a handful of named fields of `ModelConfig` (qkv bias, q/k norm per head or over all
 heads, norms after instead of before a sublayer, tied embeddings, rope scaling); there is one code path.
 """
-import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-import cli
+import common
+from hub import resolve_checkpoint, safetensors_files
 
 SUPPORTED = ("qwen2", "qwen3", "olmo2", "llama")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                 "llama": "LlamaForCausalLM"}
 
 
 # -----------------------------------------------------------------------------
@@ -105,21 +100,6 @@ class ModelConfig:
                 extra={k: v for k, v in d.items() if k not in known})
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
-
-    def to_hf(self, dtype: torch.dtype | None = None) -> dict:
-        d = dict(self.extra)
-        d.update(architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
-                 vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
-                 num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
-                 intermediate_size=self.hidden_dim, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_seq_len,
-                 tie_word_embeddings=self.tie_embeddings, hidden_act="silu")
-        if self.model_type == "qwen3":
-            d.setdefault("attention_bias", False)
-        if dtype is not None:
-            d["torch_dtype"] = str(dtype).removeprefix("torch.")
-        return d
-
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -331,32 +311,21 @@ class Transformer(nn.Module):
         state_dict keys and decoding are unchanged). Per block, as FSDP shards per block, and one graph serves them all."""
         self.compiled = [torch.compile(block) for block in self.layers]
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int):
-        """Plain greedy decoding of equal-length prompts with the cache (a reference; evaluate.py batches faster)."""
-        p = next(self.parameters())
-        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, p.device, p.dtype)
-        logits = self(idx, cache=cache)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            idx = torch.cat((idx, nxt), dim=1)
-            logits = self(nxt, cache=cache)
-        return idx
-
     # -------------------------------------------------------------------------
     # hub checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, prepare=None) -> "Transformer":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, prepare=None,
+                        fill=None) -> "Transformer":
         """Load a folder in hub layout (or a hub id, through huggingface_hub) straight into dtype (default fp32)
-        on device: built on the meta device, then `prepare(model)` if given (train.py shards it with FSDP here),
-        then every parameter allocated and filled tensor by tensor, so the weights are held once. A sharded
-        parameter (a DTensor) takes only its rank's rows."""
+        on device: built on the meta device, then `prepare(model)` if given (fsdp.py shards it here), then every
+        parameter allocated and filled tensor by tensor by `fill(param, tensor)` (default: a copy; fsdp.py takes
+        its rank's rows), so the weights are held once."""
         folder = resolve_checkpoint(path)
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder}: no config.json (expected a checkpoint folder in hub layout)")
-        cfg = ModelConfig.from_hf(cli.read_json(cfg_path), str(cfg_path))
+        cfg = ModelConfig.from_hf(common.read_json(cfg_path), str(cfg_path))
         files = safetensors_files(folder)
         with torch.device("meta"):
             model = cls(cfg)
@@ -388,7 +357,7 @@ class Transformer(nn.Module):
                         raise ValueError(f"{f}: tensor {name!r} has shape {shape}, config.json implies "
                                          f"{tuple(expected[ours])}")
                     with torch.no_grad():
-                        fill(params[ours], st.get_tensor(name))
+                        (fill or torch.Tensor.copy_)(params[ours], st.get_tensor(name))
                     filled.add(ours)
         missing = sorted(h for h, o in names.items() if o not in filled)
         if missing:
@@ -396,70 +365,11 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model
 
-    def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, dtype=None, tensors=None):
-        """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads unchanged.
-        tensors: (our name, tensor) pairs to write instead of this model's own (train.py gathers a sharded model's
-        one at a time); each shard file is written as soon as it is full, so at most one is held. Written into a
-        temporary folder and renamed, so a crash never leaves a half checkpoint."""
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        hub = {o: h for h, o in key_map(self.config).items()}
-        if tensors is None:
-            tensors = ((k, v) for k, v in self.state_dict().items())
-        shard, size, files, weight_map, total, first = {}, 0, [], {}, 0, None
-
-        def flush():
-            files.append(tmp / f"part-{len(files)}.safetensors")
-            save_file(shard, files[-1], metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, files[-1].name))
-        for k, v in tensors:
-            if k not in hub:
-                continue  # the tied head
-            t = v.detach().to("cpu", dtype or v.dtype).contiguous()
-            first = first or t.dtype
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes:
-                flush()
-                shard, size = {}, 0
-            shard[hub[k]], size, total = t, size + nbytes, total + nbytes
-        flush()
-        if len(files) == 1:
-            os.replace(files[0], tmp / "model.safetensors")
-        else:  # the hub's names, now that the count is known
-            final = {f.name: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
-            for f in files:
-                os.replace(f, tmp / final[f.name])
-            index = {"metadata": {"total_size": total}, "weight_map": {k: final[f] for k, f in weight_map.items()}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(first), indent=2))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def example_losses(logits, targets):
     """(B,) each row's summed cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off
     the answer. Computed in fp32 whatever the logits' dtype."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
     return ce.view(targets.shape).sum(1)
-
-
-
-def fill(param: torch.Tensor, full: torch.Tensor):
-    """Copy a checkpoint tensor into a parameter, or into this rank's rows of a parameter FSDP sharded on dim 0
-    (FSDP2 cuts dim 0 as torch.chunk does; the ranks past the last chunk hold none)."""
-    if hasattr(param, "to_local"):  # a DTensor: Shard(0) over the ranks of its mesh
-        rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
-        chunks = full.chunk(world, dim=0)
-        full = chunks[rank] if rank < len(chunks) else full[:0]
-        param = param.to_local()
-    if param.shape != full.shape:
-        raise ValueError(f"a parameter of shape {tuple(param.shape)} cannot take a tensor of shape {tuple(full.shape)}")
-    param.copy_(full)
 
 
 def key_map(cfg: ModelConfig) -> dict[str, str]:
@@ -486,33 +396,3 @@ def key_map(cfg: ModelConfig) -> dict[str, str]:
     return m
 
 
-def resolve_checkpoint(path) -> Path:
-    """A local folder as it is; otherwise a hub id fetched (config, weights, tokenizer only) through the cache,
-    honouring HF_HUB_OFFLINE."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: not a checkpoint folder, nor a hub id like 'Qwen/Qwen2.5-0.5B'")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = cli.read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{index}: lists {f.name}, which is not in {folder}")
-        return files
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-    if pickles:
-        raise ValueError(f"{folder}: only pickle weights ({', '.join(pickles)}); refusing to unpickle. Convert them "
-                         "to safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel import barrier
+import common
 
 EPS = 1e-9  # epochs closer than this are the same point (sums of float intervals)
 DECIMALS = 4  # the release rounds accuracies to 4 decimals before it looks for peaks
@@ -97,13 +97,12 @@ class SnapshotStore:
     manifest.json (each snapshot's epoch, stage, scores; the peak count) so that a restarted run finds them.
     Files are written to a temporary name and renamed, the manifest likewise: a kill never leaves half a snapshot,
     and a file the manifest does not list (killed between the two) is removed when the store is opened again.
-    part=(rank, world): under FSDP each rank keeps only its own shard of every snapshot, in its own file; rank 0
-    lists a snapshot in the manifest once every rank has written its part, so only whole snapshots count."""
+    holds=False keeps the bookkeeping alone, no tensors (load gives {}): a rank whose parameters come from rank 0 on
+    a roll-back (DDP ranks > 0). Under FSDP each rank has a store of its own for its shards (fsdp.py)."""
 
-    def __init__(self, dir: str | os.PathLike | None = None, part: tuple[int, int] | None = None):
-        self.dir = None if dir is None else Path(dir)
-        self.rank, self.world = part or (0, 1)
-        self.sharded = part is not None
+    def __init__(self, dir: str | os.PathLike | None = None, holds: bool = True):
+        self.dir = None if dir is None or not holds else Path(dir)
+        self.holds = holds
         self.meta: dict[int, dict] = {}        # id -> {"epoch", "stage", "scores"}
         self.tensors: dict[int, dict] = {}     # memory store only
         self.peak_held = 0                     # most snapshots held at once, over the whole run
@@ -116,17 +115,13 @@ class SnapshotStore:
                 m = json.loads(manifest.read_text())
                 self.meta = {int(i): dict(meta) for i, meta in m["snapshots"].items()}
                 self.peak_held = int(m["peak_held"])
-                world = int(m.get("world", 1))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{manifest}: not a snapshot manifest ({type(e).__name__}: {e})") from None
-            if self.meta and world != self.world:
-                raise ValueError(f"{manifest}: snapshots in {world} parts, but this run has {self.world} ranks")
             for i in self.meta:
                 if not self.path(i).is_file():
                     raise FileNotFoundError(f"{manifest} lists snapshot {i} but {self.path(i)} is missing")
         listed = {self.path(i).name for i in self.meta}
-        mine = f"snapshot-*-rank{self.rank:05d}-*" if self.sharded else "snapshot-*"
-        for p in self.dir.glob(mine):
+        for p in self.dir.glob("snapshot-*"):
             if p.name not in listed:
                 p.unlink()
 
@@ -141,28 +136,20 @@ class SnapshotStore:
         return sorted(self.meta)
 
     def path(self, id: int) -> Path:
-        part = f"-rank{self.rank:05d}-of-{self.world:05d}" if self.sharded else ""
-        return self.dir / f"snapshot-{id:06d}{part}.safetensors"
+        return self.dir / f"snapshot-{id:06d}.safetensors"
 
     def write_manifest(self):
-        if self.rank == 0:
-            tmp = self.dir / "manifest.json.tmp"
-            tmp.write_text(json.dumps({"peak_held": self.peak_held, "world": self.world, "snapshots": self.meta},
-                                      indent=1))
-            os.replace(tmp, self.dir / "manifest.json")
+        common.write_json(self.dir / "manifest.json", {"peak_held": self.peak_held, "snapshots": self.meta})
 
     def save(self, id: int, params: dict[str, torch.Tensor], meta: dict):
         if self.dir is None:
-            self.tensors[id] = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+            self.tensors[id] = {k: v.detach().to("cpu", copy=True) for k, v in params.items()} if self.holds else {}
         else:
-            tmp = self.path(id).with_suffix(".tmp")
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, tmp)
-            os.replace(tmp, self.path(id))
+            with common.atomic(self.path(id)) as tmp:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, tmp)
         self.meta[id] = json.loads(json.dumps(meta))  # a copy: the caller's dicts change later
         self.peak_held = max(self.peak_held, len(self.meta))
         if self.dir is not None:
-            if self.sharded:
-                barrier()  # every rank's part is on disk before the manifest lists the snapshot
             self.write_manifest()
 
     def load(self, id: int) -> dict[str, torch.Tensor]:
@@ -177,9 +164,20 @@ class SnapshotStore:
             del self.tensors[id]
         else:
             self.write_manifest()  # manifest first: a kill in between leaves an unlisted file, removed at next open
-            if self.sharded:
-                barrier()
             self.path(id).unlink()
+
+    def keep(self, wanted: set[int], newest: int, take):
+        """Hold exactly the snapshots `wanted` (SPEC 4): the others dropped first, so never more than wanted is held,
+        even for a moment; then the missing ones saved, which can only be `newest`, the checkpoint the model holds
+        now (a kill came between the checkpoint of the state that wants it and this call): take(id) -> (params,
+        meta). Every method's store goes through here: msft.run_msft's, SFT's and the baselines' (commit)."""
+        for i in self.ids():
+            if i not in wanted:
+                self.drop(i)
+        for i in sorted(set(wanted) - set(self.ids())):
+            if i != newest and self.holds:
+                raise FileNotFoundError(f"{self}: snapshot {i} is missing, but the state needs it to continue")
+            self.save(i, *take(i))
 
 
 # -----------------------------------------------------------------------------
@@ -242,18 +240,11 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
         raise ValueError(f"tasks must be distinct names, got {tasks}")
     tasks = sorted(tasks)
 
-    def sync_store():
-        # deletions first, then the one new snapshot: never more than needed() on disk, even for a moment
-        keep = needed(state.history, state.active, state.best["id"])
-        for i in store.ids():
-            if i not in keep:
-                store.drop(i)
-        for i in sorted(keep - set(store.ids())):
-            # only the checkpoint just evaluated can be missing: the caller's model still holds it
-            if i != state.model_at:
-                raise FileNotFoundError(f"{store}: snapshot {i} is missing, but the state needs it to continue")
+    def sync_store():  # the store holds exactly what the state needs (SPEC 4)
+        def take(i):
             ckpt = {h["id"]: h for h in state.history}.get(i, state.best)
-            store.save(i, hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]})
+            return hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]}
+        store.keep(needed(state.history, state.active, state.best["id"]), state.model_at, take)
 
     def evaluate(which: list[str], epoch: float) -> dict[str, float]:
         scores = hooks.evaluate(list(which))
@@ -330,3 +321,47 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
         hooks.checkpoint(state)
         sync_store()
     return state
+
+
+# -----------------------------------------------------------------------------
+# the other methods' bookkeeping (SFT in train.py, the baselines): a plain-JSON state, one evaluation, one commit
+
+def method_state(**fresh) -> dict:
+    """Epoch, evaluations so far (the next checkpoint's id), the best average, the checkpoint the model is at, the
+    snapshots held besides the best (`hold`), whether the method is done."""
+    return {"epoch": 0.0, "evals": 0, "best": None, "model_at": None, "hold": [], "done": False, **fresh}
+
+
+def score(hooks, tasks: list[str], state: dict, stage: int, active: list[str]) -> dict:
+    """Evaluate every task on the model as it is (checkpoint number state["evals"], at state["epoch"]); the best
+    average so far, the earliest on ties, becomes state["best"]. Returns the eval event."""
+    scores = hooks.evaluate(tasks)
+    avg = sum(scores.values()) / len(scores)
+    if state["best"] is None or avg > state["best"]["avg"]:
+        state["best"] = {"id": state["evals"], "epoch": state["epoch"], "avg": avg}
+    state["model_at"] = {"id": state["evals"], "epoch": state["epoch"]}
+    state["evals"] += 1
+    return {"event": "eval", "stage": stage, "epoch": state["epoch"], "active": sorted(active),
+            "evaluated": list(tasks), "scores": scores, "avg": avg}
+
+
+def wanted(state: dict) -> set[int]:
+    return set(state["hold"]) | ({state["best"]["id"]} if state["best"] else set())
+
+
+def keep(hooks, store: SnapshotStore, state: dict):
+    """The store holds the best and state["hold"]; called by commit, and by a resumed method before it goes on."""
+    at = state["model_at"]
+    store.keep(wanted(state), at["id"], lambda i: (hooks.snapshot(), {"epoch": at["epoch"]}))
+
+
+def commit(hooks, store: SnapshotStore, state: dict, events: list[dict]):
+    """Log the events (the evaluation first), checkpoint the state, then update the store: in run_msft's order, so a
+    kill at any moment leaves every snapshot the last checkpoint needs but possibly the newest, which keep() takes
+    again from the model the resumed run restored."""
+    events[0]["snapshots_held"] = len(wanted(state))
+    for e in events:
+        hooks.log(e)
+    hooks.checkpoint(state)
+    keep(hooks, store, state)
+

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the project sits one folder up
 import evaluate as ev  # noqa: E402
-from data import convert, encode_prompts, load_tokenizer, read_jsonl  # noqa: E402
+from data import encode_prompts, load_tokenizer, read_jsonl  # noqa: E402
+from prepare import convert  # noqa: E402
 from model import Transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: model.py sits one folder up
+import hub  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 # random-weight shapes for --shape; "tiny" runs the GPU path on a CPU quickly
@@ -114,7 +115,7 @@ torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as tmp:
     if args.shape:
         ours = Transformer(SHAPES[args.shape])
-        ours.save_pretrained(Path(tmp) / "model")
+        hub.save_pretrained(ours, Path(tmp) / "model")
         source = Path(tmp) / "model"
     else:
         ours = Transformer.from_pretrained(args.model)

@@ -118,9 +118,9 @@ def measure(micro_batch: int, steps: int = 3) -> list[dict]:
     mixed precision over fp32 shards), with and without activation checkpointing, beside the table's estimate."""
     import torch
     import torch.distributed as dist
-    import parallel
-    from model import Transformer, rope_inv_freq
-    from train import example_losses
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from fsdp import FSDPRun, shard
+    from model import Transformer, example_losses, rope_inv_freq
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29512"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
@@ -133,14 +133,14 @@ def measure(micro_batch: int, steps: int = 3) -> list[dict]:
             with torch.device("meta"):
                 model = Transformer(cfg)
             if fsdp:
-                parallel.shard(model, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
             model.to_empty(device="cuda")
             if cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
                 model.lm_head.weight = model.embed.weight
             torch.manual_seed(0)
             with torch.no_grad():
                 for p in model.parameters():
-                    parallel.local(p).normal_(0, 0.02)
+                    FSDPRun.local(p).normal_(0, 0.02)
             model.inv_freq = rope_inv_freq(cfg).cuda()
             for block in model.layers:
                 block.checkpointing = ac

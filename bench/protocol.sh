@@ -39,10 +39,10 @@ say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$log"; }
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 if [ "$tiny" = 1 ]; then  # the demo: its model, mixture and flags, a quarter epoch, the CPU
-  "$python" -c "import data, train; train.demo_checkpoint(data.make_demo('$runs/data'))" || exit 1
+  "$python" -c "import demo; demo.demo_checkpoint(demo.make_demo('$runs/data'))" || exit 1
   model=$runs/data/model mix=$runs/data
   common=(--signal loss --device cpu --lr 5e-4 --batch-size 16 --max-len 64 --shots 0 --max-new-tokens 8
-          --eval-limit 8 --interval 0.1 --max-epochs 0.2 --max-stages 2 --dynamix-every 2 --log-every 10000)
+          --eval-limit 8 --interval 0.1 --max-epochs 0.2 --max-stages 2 --dynamix-every 2 --progress 0)
   budget3=(--budget 0.2) budget1=(--budget 0.1)
 else
   model=${MSFT_SMOLLM2:-$HOME/.cache/msft-real/smollm2-135m-instruct}
@@ -53,7 +53,7 @@ else
       --tasks arc_easy boolq commonsense_qa gsm8k hellaswag openbookqa sciq 2>&1 | tee -a "$log" || exit 1
   fi
   # no compile: nine processes share the GPU, and a 135M model's steps are bound by kernel launches more than FLOPs
-  common=(--signal loss --no-compile --micro-batch 16 --eval-batch 64 --log-every 100)
+  common=(--signal loss --no-compile --micro-batch 16 --eval-batch 64 --progress 60)
   budget3=(--budget 3) budget1=(--budget 1)
 fi
 say "protocol: model $model, mixture $mix, runs in $runs, deadline ${deadline} s"

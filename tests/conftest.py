@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import prepare
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
@@ -66,6 +68,40 @@ def refused():
     return run
 
 
+def first_row(path, pred=lambda r: True):
+    return next(r for r in map(json.loads, open(path, encoding="utf-8")) if pred(r))
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def mixture(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixture")
+    with pytest.warns(UserWarning, match="sciq: asked for train 1800, only 800 rows"):
+        prepare.prepare(str(shared_data), out)
+    return out
+
+
+@pytest.fixture
+def src(tmp_path):
+    """Three small tasks of plain rows, DIR/{a,b,c}/train.jsonl."""
+    for task in "abc":
+        write_jsonl(tmp_path / "src" / task / "train.jsonl", [
+            {"question": f"Is {task}{n} odd?", "answer": "AB"[n % 2], "choices": ["no", "yes"]} for n in range(10)])
+    return tmp_path / "src"
+
+
+def small(src, out, **kw):
+    return prepare.prepare(str(src), out, n_train=6, n_selection=2, n_test=2, **kw)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def cut_mixture(src: Path, out: Path, train, selection: int, test: int) -> Path:
     """A mixture folder `out` holding the first rows of each task of `src` (e.g. the demo's) and a copy of its
     model: `train` rows a task (an int, or one count per task in sorted order), `selection` and `test` rows."""
@@ -81,3 +117,39 @@ def cut_mixture(src: Path, out: Path, train, selection: int, test: int) -> Path:
     (out / "manifest.json").write_text(json.dumps(manifest))
     shutil.copytree(src / "model", out / "model")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo's mixture folder (demo.py) with its tiny model in model/, built once a session; tests only read it."""
+    from demo import demo_checkpoint, make_demo
+    folder = make_demo(tmp_path_factory.mktemp("demo") / "data")
+    demo_checkpoint(folder)
+    return folder
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens: int):
+    """Plain greedy decoding of equal-length prompts with the KV cache: the reference evaluate.py's batched
+    decoding is checked against."""
+    from model import KVCache
+    p = next(model.parameters())
+    cache = KVCache(model.config, idx.size(0), idx.size(1) + max_new_tokens, p.device, p.dtype)
+    logits = model(idx, cache=cache)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat((idx, nxt), dim=1)
+        logits = model(nxt, cache=cache)
+    return idx
+
+
+def assert_trained_alike(a: dict, b: dict, lr: float):
+    """Two runs' weights that differ only in how sums were cut (ranks, micro-batches): the sums round differently in
+    the last bits of each gradient, and Adam divides each update by the gradient's own scale, so where a gradient is
+    near zero that rounding can move its update by up to one step of lr. Hence almost every weight within 1e-5, and
+    none further apart than lr. (A flat atol of 1e-5 once failed on a fresh clone: 1 of 9,216 weights, 1.94e-5.)"""
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max() < lr and (diff > 1e-5).float().mean() < 1e-3, (k, diff.max().item())
+

@@ -20,6 +20,8 @@ from conftest import cut_mixture
 import baselines
 import data
 import msft
+import prepare
+import runfolder
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,11 +31,9 @@ SMALL = ["--interval", "0.25", "--signal", "loss", "--eval-limit", "16", "--batc
 
 
 @pytest.fixture(scope="module")
-def mix(tmp_path_factory):
+def mix(demo_data, tmp_path_factory):
     """The demo's four tasks cut to 48 training, 16 selection and 8 test rows each (16 steps an epoch at batch 12)."""
-    demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
-    train.demo_checkpoint(demo)
-    return cut_mixture(demo, tmp_path_factory.mktemp("mix") / "mix", 48, 16, 8)
+    return cut_mixture(demo_data, tmp_path_factory.mktemp("mix") / "mix", 48, 16, 8)
 
 
 def run_train(out, mix, method, *extra):
@@ -92,7 +92,7 @@ def check_common(log, final, mix, stages, search_flops=None):
 def test_continual_trains_one_task_a_phase_and_rolls_back_to_its_best(tmp_path, mix, monkeypatch):
     order = ["sum", "key", "code", "first"]
     batches, loads = [], []
-    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: batches.append(sorted({t for t, _ in out})))
+    spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: batches.append(sorted({t for t, _ in out})))
     spy(monkeypatch, msft.SnapshotStore, "load", lambda s, a, out: loads.append(a[0]))
     final = run_train(tmp_path, mix, "continual", "--budget", "0.5", "--task-order", *order)
     log = read_log(tmp_path)
@@ -143,7 +143,7 @@ SEARCH = ["--max-epochs", "2", "--lr", "2e-2"]  # the four tasks peak at three d
 
 def test_sro_drops_each_task_at_its_searched_peak(tmp_path, mix, sft_log, monkeypatch):
     batches = []
-    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: batches.append({t for t, _ in out}))
+    spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: batches.append({t for t, _ in out}))
     final = run_train(tmp_path / "here", mix, "sro", *SEARCH)
     log = read_log(tmp_path / "here")
     check_common(log, final, mix, stages={1})
@@ -185,7 +185,7 @@ def test_sro_drops_each_task_at_its_searched_peak(tmp_path, mix, sft_log, monkey
 
 def test_soft_sro_samples_by_peak_over_mean_peak(tmp_path, mix, sft_log, monkeypatch):
     weights = []
-    spy(monkeypatch, data.MixtureSampler, "set_weights", lambda s, a, out: weights.append(a[0]))
+    spy(monkeypatch, baselines.Sampler, "set_weights", lambda s, a, out: weights.append(a[0]))
     final = run_train(tmp_path, mix, "soft-sro", *SEARCH, "--search-log", str(sft_log))
     log = read_log(tmp_path)
     sft = [json.loads(line) for line in sft_log.read_text().splitlines()]
@@ -233,16 +233,19 @@ def test_ies_rule_against_the_reference_code():
 
 
 def test_ies_records_each_trained_and_measured_loss(tmp_path, mix):
-    """A training step records each example's mean answer loss, and baselines.measure the left-out examples' by a
-    forward-only pass: both equal a one-example-at-a-time computation through the model as it was."""
+    """A training step hands each example's mean answer loss to Run.on_losses, and baselines.measure gives the
+    left-out examples' by a forward-only pass: both equal a one-example-at-a-time computation through the model as
+    it was."""
     args = train.parse_args(["--method", "ies", "--out", str(tmp_path), *SMALL])
     run = train.Run(args, mix / "model", mix)
-    run.open_log()
+    runfolder.open_log(run)
     saved = run.sampler.state_dict()
     batch = run.sampler.next_batch()
     run.sampler.load_state_dict(saved)
     left = [("key", 3), ("sum", 5), ("first", 0)]
-    run.example_loss = {t: [[0.0, 0] for _ in enc] for t, enc in run.train_enc.items()}
+    recorded = {}
+    run.on_losses.append(lambda items, losses: recorded.update(
+        {x: recorded.get(x, []) + [loss] for x, loss in zip(items, losses)}))
     model = train.Transformer.from_pretrained(mix / "model")
 
     def by_hand(items):
@@ -255,12 +258,13 @@ def test_ies_records_each_trained_and_measured_loss(tmp_path, mix):
         return out
     with torch.no_grad():
         want = {**by_hand(batch), **by_hand(left)}
-    measured = baselines.measure(run, left)
+    items, losses, measured = baselines.measure(run, left)
+    recorded.update({x: recorded.get(x, []) + [loss] for x, loss in zip(items, losses)})
     run.train_step()
     for (t, i), loss in want.items():
-        assert run.example_loss[t][i][1] == 1
-        assert run.example_loss[t][i][0] == pytest.approx(loss, rel=1e-5)
-    assert sum(c for ws in run.example_loss.values() for _, c in ws) == len(batch) + len(left)
+        assert len(recorded[t, i]) == 1
+        assert recorded[t, i][0] == pytest.approx(loss, rel=1e-5)
+    assert sum(map(len, recorded.values())) == len(batch) + len(left)
     length = lambda xs: sum(len(run.train_enc[t][i][0]) - 1 for t, i in xs)
     assert measured == length(left) == run.flops.tokens["forward"]
     assert run.flops.tokens["train"] == length(batch)
@@ -269,7 +273,7 @@ def test_ies_records_each_trained_and_measured_loss(tmp_path, mix):
 def test_ies_leaves_out_exactly_the_examples_under_the_threshold(tmp_path, mix, monkeypatch):
     states, steps = [], []
     spy(monkeypatch, train.Run, "checkpoint", lambda s, a, out: states.append(json.loads(json.dumps(a[0]))))
-    spy(monkeypatch, data.MixtureSampler, "next_batch", lambda s, a, out: steps.append(list(out)))
+    spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: steps.append(list(out)))
     w, thr = 1, 0.3
     final = run_train(tmp_path, mix, "ies", "--max-epochs", "6", "--interval", "0.5", "--ies-window", str(w),
                       "--ies-threshold", str(thr))
@@ -346,17 +350,18 @@ def test_lookahead_rewards_at_lr_1e5_are_fp32_ones_under_bf16_autocast(tmp_path,
     below the losses' own rounding, so the rewards must come from fp32 whatever the training precision."""
     items = [("key", i) for i in range(8)]
     rewards = {}
-    for autocast in ("--autocast", "--no-autocast"):
-        args = train.parse_args(["--method", "dynamix", "--out", str(tmp_path), *SMALL, "--lr", "1e-5", autocast])
+    for autocast in ("mixed", "fp32"):
+        args = train.parse_args(["--method", "dynamix", "--out", str(tmp_path), *SMALL, "--lr", "1e-5",
+                                 "--precision", autocast])
         run = train.Run(args, mix / "model", mix)
-        assert (autocast == "--autocast") == isinstance(run.autocast, torch.autocast)
+        assert (autocast == "mixed") == isinstance(run.autocast, torch.autocast)
         pre, post, _ = baselines.lookahead(run, items)
         rewards[autocast] = (pre - post) / pre
-    torch.testing.assert_close(rewards["--autocast"], rewards["--no-autocast"], rtol=1e-5, atol=1e-10)
-    assert rewards["--no-autocast"].abs().min() > 0
+    torch.testing.assert_close(rewards["mixed"], rewards["fp32"], rtol=1e-5, atol=1e-10)
+    assert rewards["fp32"].abs().min() > 0
     # the same two losses under bf16 autocast, as the look-ahead computed them before: mostly rounding
     model = train.Transformer.from_pretrained(mix / "model")
-    idx, targets = data.collate([run.train_enc[t][i] for t, i in items], run.pad)
+    idx, targets = data.collate([run.train_enc[t][i] for t, i in items], run.eos)
     with torch.autocast("cpu", torch.bfloat16):
         pre = train.example_losses(model(idx), targets)
         (pre.sum() / (targets != -100).sum()).backward()
@@ -365,12 +370,12 @@ def test_lookahead_rewards_at_lr_1e5_are_fp32_ones_under_bf16_autocast(tmp_path,
                 p -= 1e-5 * p.grad
             post = train.example_losses(model(idx), targets)
     bf16 = ((pre - post) / pre).detach()
-    assert (bf16 - rewards["--no-autocast"]).abs().max() > 0.5 * rewards["--no-autocast"].abs().max()  # ~100% off
+    assert (bf16 - rewards["fp32"]).abs().max() > 0.5 * rewards["fp32"].abs().max()  # ~100% off
 
 
 def test_dynamix_probabilities_are_the_bandit_update_of_the_logged_rewards(tmp_path, mix, monkeypatch):
     weights = []
-    spy(monkeypatch, data.MixtureSampler, "set_weights", lambda s, a, out: weights.append(a[0]))
+    spy(monkeypatch, baselines.Sampler, "set_weights", lambda s, a, out: weights.append(a[0]))
     final = run_train(tmp_path, mix, "dynamix", "--max-epochs", "1", "--dynamix-every", "2")
     log = read_log(tmp_path)
     check_common(log, final, mix, stages={1})
@@ -453,7 +458,7 @@ def test_lookahead_on_smollm2_real_rows_matches_transformers(tmp_path, smollm2, 
     """The per-example loss IES and DynamixSFT use, and the look-ahead step, on the real checkpoint and real rows,
     against transformers' own loss (mean cross-entropy over the labels that are not -100) and a step taken on it."""
     transformers = pytest.importorskip("transformers")
-    data.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy"], n_train=4, n_selection=1, n_test=1, seed=20)
+    prepare.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy"], n_train=4, n_selection=1, n_test=1, seed=20)
     args = train.parse_args(["--method", "dynamix", "--model", str(smollm2), "--data", str(tmp_path / "mix"),
                              "--out", str(tmp_path / "run"), "--lr", "1e-3", "--batch-size", "4", "--micro-batch", "4"])
     run = train.Run(args, smollm2, tmp_path / "mix")

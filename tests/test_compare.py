@@ -12,6 +12,7 @@ import pytest
 
 import compare
 import data
+from demo import DEMO_ARGS
 
 # two tasks; each run: (test scores, test avg, chosen epoch, flops train, eval)
 RUNS = {
@@ -195,7 +196,7 @@ def test_bad_run_folders_are_refused(tmp_path):
 # tiny real runs: 2 demo tasks of 300 rows, 1 epoch, the loss signal
 TINY = ["--max-epochs", "1", "--budget", "0.5", "--interval", "0.25", "--signal", "loss", "--eval-limit", "16",
         "--batch-size", "16", "--micro-batch", "8", "--shots", "0", "--max-new-tokens", "4", "--lr", "3e-3",
-        "--tasks", "code", "key", "--log-every", "1000", "--keep-state"]  # resumable once finished, for the test
+        "--tasks", "code", "key", "--progress", "0", "--keep-state"]  # resumable once finished, for the test
 
 
 def test_sft_and_msft_end_to_end_skip_and_resume(tmp_path, capfd, monkeypatch):
@@ -213,7 +214,7 @@ def test_sft_and_msft_end_to_end_skip_and_resume(tmp_path, capfd, monkeypatch):
         final = [json.loads(line) for line in (out / m / "log.jsonl").read_text().splitlines()][-1]
         assert final["event"] == "final" and final["scores"] == s["test_scores"]
         # the demo's flags where the command line left the default, ours where it did not
-        assert s["args"]["max_len"] == data.DEMO_ARGS["max_len"] and s["args"]["lr"] == 3e-3
+        assert s["args"]["max_len"] == DEMO_ARGS["max_len"] and s["args"]["lr"] == 3e-3
         assert s["args"]["max_epochs"] == 1.0 and s["args"]["seed"] == 20 and s["args"]["out"] == str(out / m)
     ratio = summaries["msft"]["flops"]["total"] / summaries["sft"]["flops"]["total"]
     assert tbl["methods"]["msft"]["flops_over_sft"]["total"] == ratio

@@ -28,11 +28,13 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 
-import data
 import evaluate as ev
-import train
-from data import Example, convert, encode_prompts, format_prompt, format_target, load_tokenizer, read_jsonl
+import hub
+import prepare
+from conftest import generate
+from data import Example, encode_prompts, format_prompt, format_target, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
+from prepare import convert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -481,7 +483,7 @@ def mixture_dir(tmp_path_factory):
     rows = [{"question": ex.question, "answer": ex.answer, "choices": list(ex.choices)} for ex in synthetic(4, 30)]
     (src / "toy" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path_factory.mktemp("mix")
-    data.prepare(str(src), out, n_train=20, n_selection=5, n_test=5)
+    prepare.prepare(str(src), out, n_train=20, n_selection=5, n_test=5)
     return out
 
 
@@ -491,7 +493,7 @@ def tiny_dir(tiny, chartok, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     model = copy.deepcopy(tiny)
     model.config.extra["eos_token_id"] = chartok[1]
-    model.save_pretrained(out)
+    hub.save_pretrained(model, out)
     chartok[0].save(str(out / "tokenizer.json"))
     return out
 
@@ -550,11 +552,9 @@ def test_cli_rejects_missing_data_folder(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_data):
     """The demo mixture and its tiny model (data/model), as train.py makes them."""
-    folder = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
-    train.demo_checkpoint(folder)
-    return folder
+    return demo_data
 
 
 def edit_tensors(path, fn):
@@ -617,7 +617,7 @@ def test_real_model_matches_generate_one_by_one(smollm2, shared_data):
     correct = stopped = 0
     for i, g, ex in zip(ids, gens, asked):
         # model.generate: plain cached greedy on one unpadded prompt, all 10 tokens, cut here where ours stops
-        full = model.generate(torch.tensor([i]), 10)[0, len(i):].tolist()
+        full = generate(model, torch.tensor([i]), 10)[0, len(i):].tolist()
         cut = next((k + 1 for k in range(len(full))
                     if full[k] == eos or ev.answer_complete(tok.decode(full[:k + 1]))), len(full))
         assert g == full[:cut]

@@ -97,13 +97,9 @@ def test_flop_counter_sums_and_checks():
 
 
 @pytest.fixture(scope="module")
-def mix(tmp_path_factory):
+def mix(demo_data, tmp_path_factory):
     """The demo's tasks cut to 40 training, 8 selection and 8 test rows each, with the demo's model."""
-    import data
-    import train
-    demo = data.make_demo(tmp_path_factory.mktemp("demo") / "data")
-    train.demo_checkpoint(demo)
-    out = cut_mixture(demo, tmp_path_factory.mktemp("mix") / "mix", 40, 8, 8)
+    out = cut_mixture(demo_data, tmp_path_factory.mktemp("mix") / "mix", 40, 8, 8)
     return out, out / "model"
 
 

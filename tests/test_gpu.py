@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-import train
+from conftest import generate
+from demo import DEMO_ARGS, demo_checkpoint, make_demo
 from model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +98,7 @@ def test_smollm2_bf16_greedy_tokens_match_transformers(smol):
     hf.generation_config.eos_token_id = None  # decode all 32 tokens, through EOS, as ours does
     for prompt in PROMPTS[:3]:
         idx = torch.tensor([tok.encode(prompt).ids], device=DEVICE)
-        got = ours.generate(idx, 32)[0, idx.size(1):].tolist()
+        got = generate(ours, idx, 32)[0, idx.size(1):].tolist()
         want = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32, do_sample=False,
                            pad_token_id=0)[0, idx.size(1):].tolist()
         n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
@@ -178,11 +179,11 @@ def check_two_steps(out: Path, stdout: str, name: str):
 
 def test_train_py_demo_two_steps(tmp_path):
     """The demo's model, mixture and flags, compiled with bf16 autocast where that is train.py's default (CUDA)."""
-    folder = data.make_demo(tmp_path / "data")
-    ckpt = train.demo_checkpoint(folder)
+    folder = make_demo(tmp_path / "data")
+    ckpt = demo_checkpoint(folder)
     sizes = json.loads((folder / "manifest.json").read_text())["tasks"]
     n_train = sum(t["sizes"]["train"] for t in sizes.values())
-    flags = {**data.DEMO_ARGS, "max_epochs": (2 * data.DEMO_ARGS["batch_size"] - 0.5) / n_train}  # 2 steps
+    flags = {**DEMO_ARGS, "max_epochs": (2 * DEMO_ARGS["batch_size"] - 0.5) / n_train}  # 2 steps
     flags["interval"] = flags["max_epochs"]
     stdout = run([sys.executable, "train.py", "--method", "sft", "--model", ckpt, "--data", folder, "--out",
                   tmp_path / "run", "--device", DEVICE.split(":")[0]]

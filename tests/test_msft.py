@@ -23,8 +23,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import data
 import msft
+import prepare
 
 # five of the release's tasks and two of a user's own
 NAMES = ["sciq", "gsm8k", "hellaswag", "boolq", "arc_easy", "my_task", "alpha"]
@@ -32,9 +32,9 @@ NAMES = ["sciq", "gsm8k", "hellaswag", "boolq", "arc_easy", "my_task", "alpha"]
 
 def release_rank(task):
     """SPEC 9: the release drops the first of its tasks by hub id, sorted as ASCII; a user's tasks come after, by
-    name. Restated here from data.HUB's ids, not from msft's constant."""
-    hub = sorted(data.HUB[t][0] for t in data.TASKS)
-    return (hub.index(data.HUB[task][0]), "") if task in data.HUB else (len(hub), task)
+    name. Restated here from prepare.HUB's ids, not from msft's constant."""
+    hub = sorted(prepare.HUB[t][0] for t in prepare.TASKS)
+    return (hub.index(prepare.HUB[task][0]), "") if task in prepare.HUB else (len(hub), task)
 
 
 def brute_decide(history, ties):
