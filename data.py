@@ -202,6 +202,17 @@ def encode_mixture(tok, eos_id, mixture, max_len: int, where) -> tuple[dict, dic
     return enc, dropped
 
 
+def check_interval(sizes: dict[str, int], interval: float, batch_size: int, alone: bool):
+    """Refuse an --interval shorter than one --batch-size of the smallest mixture trained (one task, when `alone`)."""
+    task = min(sizes, key=sizes.get) if alone else None
+    n = sizes[task] if alone else sum(sizes.values())
+    if interval * n < batch_size:
+        what = f"task {task} alone ({n} training examples)" if alone else f"the mixture ({n} training examples)"
+        raise SystemExit(f"--interval {interval} of {what} is {interval * n:g} examples, less than one --batch-size "
+                         f"{batch_size}: use --batch-size {max(1, math.floor(interval * n))} or less, or --interval "
+                         f"{batch_size / n:.3g} or more")
+
+
 def check_vocabulary(tok, vocab_size: int, model_dir):
     """A token id past the model's embedding would fail mid-run, or read another row's weights."""
     if tok.get_vocab_size() > vocab_size:

@@ -41,6 +41,24 @@ def fill(param: torch.Tensor, full: torch.Tensor):
     param.copy_(full)
 
 
+@contextmanager
+def unsharded(model: Transformer):
+    """The whole model on every rank while inside, for decoding: one all-gather of each block, not one per generated
+    token; the evaluation then runs on each rank alone, as under DDP."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for block in model.layers:
+        block.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for i, block in enumerate(model.layers):
+            block.set_reshard_after_forward(i < len(model.layers) - 1, recurse=False)
+        for m in units:
+            m.reshard()
+
+
 class FSDPRun(train.Run):
     def load_model(self, model_dir, dtype) -> Transformer:
         self.holds_snapshots = True  # every rank its own shard of everything
@@ -72,22 +90,9 @@ class FSDPRun(train.Run):
                     self.local(v).copy_(params[k])
         self.new_optimizer()
 
-    @contextmanager
-    def unsharded(self):
-        """The whole model on every rank while inside, for decoding: one all-gather of each block, not one per
-        generated token; the evaluation then runs on each rank alone, as under DDP."""
-        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for block in self.model.layers:
-            block.set_reshard_after_forward(False, recurse=False)
-        for m in units:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for i, block in enumerate(self.model.layers):
-                block.set_reshard_after_forward(i < len(self.model.layers) - 1, recurse=False)
-            for m in units:
-                m.reshard()
+    def evaluate(self, *args, **kw):
+        with unsharded(self.model):
+            return super().evaluate(*args, **kw)
 
     def full_tensors(self):
         """(name, whole tensor) one at a time, each all-gathered: every rank must go through all of them (the gathers

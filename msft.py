@@ -212,6 +212,54 @@ class LoopState:
         return cls(**json.loads(json.dumps(d)))  # a deep copy: the caller's dict stays untouched
 
 
+def checked_scores(scores, which: list[str], epoch: float) -> dict[str, float]:
+    """hooks.evaluate's answer, refused unless it is a finite number for each task asked for."""
+    if not isinstance(scores, dict) or set(scores) != set(which):
+        got = sorted(scores) if isinstance(scores, dict) else type(scores).__name__
+        raise ValueError(f"hooks.evaluate({which}) at epoch {epoch} returned scores for {got}")
+    for t, s in scores.items():
+        if not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"task {t!r} at epoch {epoch}: score {s!r} (expected a finite number)")
+    return {t: float(s) for t, s in scores.items()}
+
+
+def scored(state: LoopState, ckpt: dict, scores: dict) -> dict:
+    """The eval event of a checkpoint; its average is over ALL tasks, and the global best is the highest average
+    seen, the earliest on ties."""
+    avg = sum(ckpt["scores"][t] for t in state.tasks) / len(state.tasks)
+    if state.best is None or avg > state.best["avg"]:
+        state.best = {**json.loads(json.dumps(ckpt)), "avg": avg}
+    return {"event": "eval", "stage": state.stage, "epoch": ckpt["epoch"], "active": list(state.active),
+            "evaluated": sorted(scores), "scores": scores, "avg": avg}
+
+
+def sync_store(hooks, store: SnapshotStore, state: LoopState):
+    """The store holds exactly what the state needs (SPEC 4); the one missing can only be the newest checkpoint."""
+    def take(i):
+        ckpt = {h["id"]: h for h in state.history}.get(i, state.best)
+        return hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]}
+    store.keep(needed(state.history, state.active, state.best["id"]), state.model_at, take)
+
+
+def close_stage(state: LoopState) -> dict:
+    """At a stage's last checkpoint: decide (Algorithm 1), and set the state at the next stage's start, which is
+    the roll-back target, or the last checkpoint when no task overfit. Returns the decision event."""
+    c = state.config
+    hist = [{t: h["scores"][t] for t in state.active} for h in state.history]
+    out, i = decide(hist, c["ties"], c["order"])
+    target = state.history[-1 if i is None else i]
+    event = {"event": "decision", "stage": state.stage, "kind": "drop" if out else "no_drop", "excluded": out,
+             "rollback_epoch": None if i is None else target["epoch"],
+             "peaks": {t: state.history[j]["epoch"] for t, j in sorted(peaks(hist).items())}}
+    state.pending = list(state.excluded) if c["eval_excluded"] == "rollback" else []
+    state.excluded += out
+    state.active = [t for t in state.active if t not in out]
+    state.stage += 1
+    state.history = [target]  # the next stage starts here; its peaks are found within it
+    state.epoch, state.started = target["epoch"], False
+    return event
+
+
 def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: SnapshotStore, max_stages: int = 10,
              max_epochs: float | None = None, ties: str = "first", order=RELEASE_ORDER, eval_excluded: str = "every",
              state: LoopState | None = None) -> LoopState:
@@ -219,13 +267,12 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
     no task is left or after max_stages stages (the release: 10), or at max_epochs cumulative epochs if given.
 
     hooks: train(active, origin, until) (train the active mixture, which began to be trained at epoch `origin`, up to
-    epoch `until`), evaluate(tasks) -> {task: score}, snapshot() -> params, restore(params) (the
-    caller also resets its optimizer), log(event), checkpoint(state) (called after every evaluation, decision and
-    the end: persist it with the model, optimizer, sampler and log length; the model then is the one of checkpoint
-    state.model_at). Every stage after the first begins with
-    restore(its start): the roll-back target, or after no drop the parameters the model already has, so that each
-    stage starts with a fresh optimizer (SPEC 3). On return the caller's model is the final model
-    (state.history[0]) and store.load(state.best["id"]) gives the global best.
+    epoch `until`), evaluate(tasks) -> {task: score}, snapshot() -> params, restore(params) (the caller also resets
+    its optimizer), log(event), checkpoint(state) (called after every evaluation, decision and the end: persist it
+    with the model, optimizer, sampler and log length; the model then is the one of checkpoint state.model_at).
+    Every stage after the first begins with restore(its start): the roll-back target, or after no drop the
+    parameters the model already has, so that each stage starts with a fresh optimizer (SPEC 3). On return the
+    caller's model is the final model (state.history[0]) and store.load(state.best["id"]) gives the global best.
     eval_excluded="every" evaluates every task at every checkpoint (exact global best); "rollback" evaluates the
     tasks excluded in earlier stages once per stage, at the checkpoint the next stage starts from (Appendix F),
     and carries their latest score into the averages in between.
@@ -240,30 +287,6 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
         raise ValueError(f"tasks must be distinct names, got {tasks}")
     tasks = sorted(tasks)
 
-    def sync_store():  # the store holds exactly what the state needs (SPEC 4)
-        def take(i):
-            ckpt = {h["id"]: h for h in state.history}.get(i, state.best)
-            return hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]}
-        store.keep(needed(state.history, state.active, state.best["id"]), state.model_at, take)
-
-    def evaluate(which: list[str], epoch: float) -> dict[str, float]:
-        scores = hooks.evaluate(list(which))
-        if not isinstance(scores, dict) or set(scores) != set(which):
-            got = sorted(scores) if isinstance(scores, dict) else type(scores).__name__
-            raise ValueError(f"hooks.evaluate({which}) at epoch {epoch} returned scores for {got}")
-        for t, s in scores.items():
-            if not isinstance(s, numbers.Real) or not math.isfinite(s):
-                raise ValueError(f"task {t!r} at epoch {epoch}: score {s!r} (expected a finite number)")
-        return {t: float(s) for t, s in scores.items()}
-
-    def scored(ckpt: dict, scores: dict) -> dict:
-        # the average is over ALL tasks; the global best is the highest average seen, the earliest on ties
-        avg = sum(ckpt["scores"][t] for t in tasks) / len(tasks)
-        if state.best is None or avg > state.best["avg"]:
-            state.best = {**json.loads(json.dumps(ckpt)), "avg": avg}
-        return {"event": "eval", "stage": state.stage, "epoch": ckpt["epoch"], "active": list(state.active),
-                "evaluated": sorted(scores), "scores": scores, "avg": avg}
-
     if state is None:  # stage 1 starts at the base model, with every task still to evaluate
         state = LoopState(tasks=tasks, config=config, stage=1, epoch=0.0, active=list(tasks), excluded=[],
                           history=[{"id": 0, "stage": 1, "epoch": 0.0, "scores": {}}], best=None, next_id=1,
@@ -272,7 +295,7 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
         if state.tasks != tasks or state.config != config:
             raise ValueError(f"cannot continue a run of tasks {state.tasks} with {state.config} as tasks {tasks} "
                              f"with {config}: pass the same tasks and flags")
-        sync_store()  # a kill may have come between hooks.checkpoint and the store's update
+        sync_store(hooks, store, state)  # a kill may have come between hooks.checkpoint and the store's update
 
     while not state.done:
         start = state.history[0]
@@ -281,45 +304,33 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
             state.model_at, state.started = start["id"], True
 
         if state.pending:  # the stage's start: the base model, or excluded tasks once per stage ("rollback")
-            scores = evaluate(state.pending, start["epoch"])
+            scores = checked_scores(hooks.evaluate(list(state.pending)), state.pending, start["epoch"])
             start["scores"].update(scores)
             state.pending = []
-            events = [scored(start, scores)]
+            events = [scored(state, start, scores)]
         elif not state.active or state.stage > max_stages or state.epoch >= (max_epochs or math.inf) - EPS:
             state.done = True
             events = [{"event": "decision", "stage": state.stage - 1, "kind": "done", "excluded": list(state.excluded),
                        "rollback_epoch": None, "epoch": state.epoch, "best_epoch": state.best["epoch"],
-                       "best_avg": state.best["avg"], "snapshots_peak": store.peak_held}]  # SFT holds 1
+                       "best_avg": state.best["avg"], "snapshots_peak": store.peak_held}]
         else:  # one interval of the roll-out; the last one of a stage may be shorter so as not to pass max_epochs
             end = round(min(start["epoch"] + budget, max_epochs or math.inf), 9)
             epoch = round(min(start["epoch"] + len(state.history) * interval, end), 9)
             hooks.train(list(state.active), start["epoch"], epoch)
-            scores = evaluate(tasks if eval_excluded == "every" else state.active, epoch)
+            which = tasks if eval_excluded == "every" else state.active
+            scores = checked_scores(hooks.evaluate(list(which)), which, epoch)
             ckpt = {"id": state.next_id, "stage": state.stage, "epoch": epoch,
                     "scores": {**state.history[-1]["scores"], **scores}}
             state.history.append(ckpt)
             state.next_id += 1
             state.epoch, state.model_at = epoch, ckpt["id"]
-            events = [scored(ckpt, scores)]
-            if epoch >= end - EPS:  # the stage's last checkpoint: decide
-                hist = [{t: h["scores"][t] for t in state.active} for h in state.history]
-                out, i = decide(hist, ties, order)
-                target = ckpt if i is None else state.history[i]
-                events.append({"event": "decision", "stage": state.stage, "kind": "drop" if out else "no_drop",
-                               "excluded": out, "rollback_epoch": None if i is None else target["epoch"],
-                               "peaks": {t: state.history[j]["epoch"] for t, j in sorted(peaks(hist).items())}})
-                state.pending = list(state.excluded) if eval_excluded == "rollback" else []
-                state.excluded += out
-                state.active = [t for t in state.active if t not in out]
-                state.stage += 1
-                state.history = [target]  # the next stage starts here; its peaks are found within it
-                state.epoch, state.started = target["epoch"], False
+            events = [scored(state, ckpt, scores)] + ([close_stage(state)] if epoch >= end - EPS else [])
         if events[0]["event"] == "eval":  # what the store keeps once this step is done
             events[0]["snapshots_held"] = len(needed(state.history, state.active, state.best["id"]))
         for e in events:
             hooks.log(e)
         hooks.checkpoint(state)
-        sync_store()
+        sync_store(hooks, store, state)
     return state
 
 

@@ -132,9 +132,15 @@ def open_log(run, keep_lines: int = 0):
             common.write_text(path, "".join(lines[:keep_lines]))
         run.log_file = open(path, "a")
     run.log_lines = keep_lines
+    run.pace = {"printed": time.time(), "last": time.time(), "epoch_s": None, "eval_s": None}  # console()'s
 
 
-def write_event(run, event: dict):
+def log(run, event: dict):
+    """One event (with its step and time) into log.jsonl on rank 0, flushed as it happens, and onto the console;
+    what it cost counted by Appendix F's rules (flops.FlopCounter.count_paper)."""
+    event = {"event": event["event"], "step": run.step, "time": round(time.time(), 3), **event}
+    run.flops.count_paper(event, run.last_eval, stage_wise=run.args.method == "msft")
+    run.log_lines += 1
     if run.rank == 0:
         run.log_file.write(json.dumps(event) + "\n")
         run.log_file.flush()
@@ -146,6 +152,7 @@ def console(run, event: dict):
     """What a person watching sees: each evaluation and decision, and a training line every --progress seconds with
     the time left to the end of this stage (mSFT, continual SFT) or run, at the pace so far."""
     a, pace, kind = run.args, run.pace, event["event"]
+    since, pace["last"] = event["time"] - pace["last"], event["time"]  # seconds since the event before
     if kind == "train":
         rate = event["tokens"] / event["tok_per_s"] * run.sampler.size / event["examples"]  # seconds an epoch
         pace["epoch_s"] = rate if pace["epoch_s"] is None else 0.9 * pace["epoch_s"] + 0.1 * rate
@@ -158,7 +165,7 @@ def console(run, event: dict):
             print0(f"step {run.step:6d} | epoch {run.epoch:7.3f} | loss {event['loss']:.4f} | "
                    f"{event['tok_per_s']:8.0f} tok/s | {'stage' if stage else 'run'} ends in {eta / 60:5.1f} min")
     elif kind == "eval":
-        pace["eval_s"] = time.time() - pace.get("eval_started", time.time())
+        pace["eval_s"] = since
         if a.progress:
             scores = "  ".join(f"{t} {s:.3f}" for t, s in sorted(event["scores"].items()))
             print0(f"eval  stage {event.get('stage', '-')} epoch {event['epoch']:.2f} | avg {event['avg']:.4f} | "

@@ -172,13 +172,11 @@ class Run:
         self.args, self.out, self.model_dir, self.data_dir = args, Path(args.out), model_dir, data_dir
         self.ddp, self.rank, _, self.world, self.device = common.setup(args.device)
         torch.manual_seed(args.seed)
-        # data: every training example tokenized once; too-long ones dropped and counted
-        self.tok, self.eos = data.load_tokenizer(model_dir)
+        self.tok, self.eos = data.load_tokenizer(model_dir)  # data: each training example tokenized once
         self.mixture = data.load_mixture(data_dir, args.tasks)
         self.tasks = sorted(self.mixture)
         self.demos = None if args.demos is None else load_demos(args.demos, self.tasks)
         self.train_enc, self.dropped = data.encode_mixture(self.tok, self.eos, self.mixture, args.max_len, data_dir)
-        # every rank draws the whole global batch and takes its micro-batches of it (train_step)
         self.sampler = data.MixtureSampler({t: len(e) for t, e in self.train_enc.items()}, args.batch_size, args.seed)
         # [active tasks, origin epoch, examples trained since the origin] (train); epochs on the path to the model
         self.segment, self.epoch = [self.tasks, 0.0, 0], 0.0
@@ -196,22 +194,16 @@ class Run:
         self.flops = flops.FlopCounter(self.n_params)
         self.step, self.tokens, self.log_lines, self.t0 = 0, 0, 0, time.time()
         self.before_step, self.on_losses, self.last_eval = [], [], {}
-        self.pace = {"printed": time.time(), "epoch_s": None, "eval_s": None}  # the console's (runfolder.console)
 
     def load_model(self, model_dir: Path, dtype) -> Transformer:
         return Transformer.from_pretrained(model_dir, device=self.device, dtype=dtype)
 
     def new_optimizer(self):
-        # the release starts Adam afresh at every stage: lr constant, default betas and eps, no weight decay; its
-        # moments take the parameters' dtype (bf16 under --precision bf16, as the release's)
+        # as the release: Adam afresh at every stage, lr constant, no weight decay, moments in the weights' dtype
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.args.lr, fused=self.device.type == "cuda")
 
     def log(self, event: dict):
-        """One event into log.jsonl, flushed as it happens, and onto the console; its cost counted (flops.py)."""
-        event = {"event": event["event"], "step": self.step, "time": round(time.time(), 3), **event}
-        self.flops.count_paper(event, self.last_eval, stage_wise=self.args.method == "msft")
-        self.log_lines += 1
-        runfolder.write_event(self, event)
+        runfolder.log(self, event)  # into log.jsonl as it happens, and onto the console
 
     def train(self, active: list[str], origin: float, until: float):
         """Steps over the active mixture to the one nearest epoch `until`, counted from `origin`, where these tasks
@@ -272,8 +264,7 @@ class Run:
         """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split or `split`; a final
         evaluation (the report on the test split) is counted apart from the method's FLOPs."""
         a = self.args
-        self.pace["eval_started"] = time.time()
-        with self.autocast, self.unsharded():
+        with self.autocast:
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
                            shots=a.shots, seed=a.seed, demos=self.demos, limit=a.eval_limit, batch_size=a.eval_batch,
                            max_new_tokens=a.max_new_tokens, signal=a.signal)
@@ -283,9 +274,8 @@ class Run:
         self.last_eval = res
         return {t: (r["acc"] if a.signal == "acc" else -r["loss"]) for t, r in res.items()}
 
-    # what fsdp.py changes: the whole model gathered for decoding, a rank's shard of a tensor, a loaded shard laid
-    # out as its parameter, the whole tensors to save gathered one at a time
-    unsharded = staticmethod(nullcontext)
+    # what fsdp.py changes besides: a rank's shard of a tensor, a loaded shard laid out as its parameter, the whole
+    # tensors to save gathered one at a time
     local = staticmethod(lambda t: t)
     like = staticmethod(lambda param, t: t)
 
@@ -358,19 +348,6 @@ def run_msft(run: Run, store: msft.SnapshotStore, state: dict | None) -> tuple[d
     return state.best, state.history[0]
 
 
-def check_interval(run: Run):
-    """Refuse, at start-up, an interval that is less than one batch of the smallest mixture the method trains."""
-    a, sizes = run.args, run.sampler.sizes
-    alone = a.method in ("msft", "sro", "continual")  # these come down to one task at a time
-    task = min(sizes, key=sizes.get) if alone else None
-    n = sizes[task] if alone else sum(sizes.values())
-    if a.interval * n < a.batch_size:
-        what = f"task {task} alone ({n} training examples)" if alone else f"the mixture ({n} training examples)"
-        raise SystemExit(f"--interval {a.interval} of {what} is {a.interval * n:g} examples, less than one --batch-size "
-                         f"{a.batch_size}: use --batch-size {max(1, math.floor(a.interval * n))} or less, or --interval "
-                         f"{a.batch_size / n:.3g} or more")
-
-
 # -----------------------------------------------------------------------------
 # one run, from its start (or its last checkpoint) to the report
 
@@ -380,7 +357,8 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     if args.fsdp:  # parameters, gradients and Adam states sharded over the ranks
         from fsdp import FSDPRun as Runner
     run = Runner(args, model_dir, data_dir)
-    check_interval(run)
+    alone = args.method in ("msft", "sro", "continual")  # these come down to training one task at a time
+    data.check_interval(run.sampler.sizes, args.interval, args.batch_size, alone)
     method = {"sft": run_sft, "msft": run_msft}.get(args.method)
     if method is None:  # a baseline: its sampler and hooks attached to the run
         import baselines

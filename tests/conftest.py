@@ -1,7 +1,10 @@
 """Shared test fixtures: where the real data and the real checkpoint live, and skips when absent; a command run as a
 user runs it, refused at the door."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -16,6 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
 SMOLLM2_TOOL = SHARED / "tools" / "get-smollm2.sh"
+
+
+def pytest_collection_modifyitems(items):
+    """A test of the real checkpoint is slow (it loads, and on a fresh machine first builds, SmolLM2): marked so by
+    the fixture it asks for, so that `pytest -m "not slow"` leaves every one of them out."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -51,19 +62,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def refused():
-    """refused("data.py", *args) runs the command as a user does, checks that it was refused at the door (exit status
-    2, no traceback, one line on stderr: after argparse's usage, for a flag) and returns that line."""
+@pytest.fixture
+def refused(monkeypatch):
+    """refused("data.py", *args) runs the command as a user does (its `__main__`, with these arguments: in this
+    process, which skips a second interpreter's start and torch import), checks that it was refused at the door
+    (exit status 2, no traceback, one line on stderr: after argparse's usage, for a flag) and returns that line."""
     def run(script, *args):
-        r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        lines = r.stderr.strip().splitlines()
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(REPO / script), run_name="__main__")  # anything but SystemExit fails the test
+        assert exit.value.code == 2, err.getvalue()
+        lines = err.getvalue().strip().splitlines()
         if lines[0].startswith("usage:"):  # argparse's usage, its continuation lines indented, then the error
-            assert all(line.startswith(" ") for line in lines[1:-1]), r.stderr
+            assert all(line.startswith(" ") for line in lines[1:-1]), err.getvalue()
             lines = lines[-1:]
-        assert len(lines) == 1 and "error: " in lines[0], r.stderr
+        assert len(lines) == 1 and "error: " in lines[0], err.getvalue()
         return lines[0]
     return run
 

@@ -410,6 +410,7 @@ class Killed(Exception):
     ("ies", ["--max-epochs", "6", "--interval", "0.5", "--ies-window", "1", "--ies-threshold", "0.3"], 11),
     ("dynamix", ["--max-epochs", "1", "--dynamix-every", "2"], 3),
 ])
+@pytest.mark.slow
 def test_killed_after_a_checkpoint_resumes_to_the_same_log(tmp_path, mix, monkeypatch, method, flags, kill_at):
     run_train(tmp_path / "ref", mix, method, *flags)
     calls = []

@@ -199,6 +199,7 @@ TINY = ["--max-epochs", "1", "--budget", "0.5", "--interval", "0.25", "--signal"
         "--tasks", "code", "key", "--progress", "0", "--keep-state"]  # resumable once finished, for the test
 
 
+@pytest.mark.slow
 def test_sft_and_msft_end_to_end_skip_and_resume(tmp_path, capfd, monkeypatch):
     # one thread per train.py: on a busy 2-core machine torch's thread pool makes a tiny step ~30x slower
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

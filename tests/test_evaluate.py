@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 
 import evaluate as ev
+import evaluate_cli
 import hub
 import prepare
 from conftest import generate
@@ -436,6 +437,7 @@ def _two_ranks(rank, port, mixture, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_what_one_gives(tiny, chartok, tmp_path):
     tok, eos = chartok
     # task "u" has a single question: rank 1 has no share of it, yet reaches the collective
@@ -500,7 +502,7 @@ def tiny_dir(tiny, chartok, tmp_path_factory):
 
 def run_cli(monkeypatch, *flags):
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *flags])
-    ev.main()
+    evaluate_cli.main()
 
 
 def test_cli_writes_results_and_predictions(tiny_dir, mixture_dir, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # several processes each
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import assert_trained_alike
 
 
+pytestmark = pytest.mark.slow  # several processes each
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--budget", "1", "--max-stages", "2", "--interval", "0.25", "--signal", "loss",
          "--batch-size", "16", "--micro-batch", "4", "--shots", "0", "--lr", "5e-4"]  # the demo's lr: stable, so

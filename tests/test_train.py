@@ -108,6 +108,7 @@ def torchrun(out, demo, nproc, *extra):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path, demo):
     one, two = torchrun(tmp_path / "one", demo, 1), torchrun(tmp_path / "two", demo, 2)
     for p in (one, two):
@@ -122,6 +123,7 @@ def test_two_gloo_processes_match_one(tmp_path, demo):
             assert abs(x["scores"][t] - y["scores"][t]) < 1e-4, (x["epoch"], t)
 
 
+@pytest.mark.slow
 def test_kill_at_a_random_evaluation_and_resume(tmp_path, demo):
     ref = torchrun(tmp_path / "ref", demo, 1)
     out, _ = ref.communicate(timeout=600)
@@ -185,6 +187,7 @@ def test_bad_setup_fails_at_start(tmp_path, demo):
         train.train(args, small, demo)
 
 
+@pytest.mark.slow
 def test_a_nan_stops_exports_the_last_good_model_and_resumes_with_a_smaller_lr(tmp_path, demo, monkeypatch):
     """A diverging step stops the run naming the step; model/ then holds the last committed checkpoint (it loads
     and scores what that evaluation logged), and --resume with a smaller --lr continues, the change logged."""
@@ -382,6 +385,7 @@ def test_pure_bf16_keeps_weights_and_adam_states_in_bf16(tmp_path, odd):
         assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_and_any_micro_batch_give_the_same_steps(tmp_path, odd):
     """The step's loss and gradients do not depend on how the batch is cut: 1 rank with micro-batches of 8 and
     2 gloo ranks with micro-batches of 2 log the same losses and save the same model."""
