@@ -10,6 +10,7 @@ types that refuse a bad number when parsed, --help with defaults, JSON read nami
 """
 import argparse
 import errno
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 # -----------------------------------------------------------------------------
@@ -29,12 +32,13 @@ def setup(device_flag: str | None = None):
     """(ddp, rank, local_rank, world_size, device); the process group is started once, under torchrun."""
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    kind = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
-    if kind == "cuda":
+    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=device if kind == "cuda" else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return ddp, rank, local_rank, world, device
 
 
@@ -71,18 +75,24 @@ def cleanup():
 @contextmanager
 def atomic(path):
     """Yields a temporary path beside `path` to write (a file or a folder); renamed onto `path` when the block ends
-    without an error, removed when it does not. A kill or a full disk never leaves half a file under the name."""
+    without an error, removed when it does not. A kill or a full disk never leaves half a file under the name, and
+    a full disk is one line naming the folder and its free space."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     remove(tmp)
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")  # a folder cannot be renamed onto another: swap, then remove
-        if tmp.is_dir() and path.exists():
+        if tmp.is_dir() and path.exists():  # a folder cannot be renamed onto another: swap, then remove the old
             remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
         remove(old)  # also what a kill between the two renames left
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(e.errno, f"no space left on the device ({free / 2**20:.0f} MiB free there): free some space, "
+                               "or choose another folder", str(path)) from None
     finally:
         remove(tmp)
 
@@ -100,13 +110,29 @@ def write_text(path, text: str):
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of tensors: their names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
-def read_json(path) -> dict:
+def json_digest(obj) -> str:
+    obj = json.loads(json.dumps(obj))  # as it reads back: int keys become strings, and sort as strings
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path, obj, checked: bool = False):
+    """`checked`: with the sha256 of its content, which read_json(checked=True) verifies (a file a run reads back)."""
+    write_text(path, json.dumps({**obj, "sha256": json_digest(obj)} if checked else obj, indent=2) + "\n")
+
+
+def read_json(path, checked: bool = False) -> dict:
     """The JSON object in a file (every JSON file the commands read holds one). Bytes that are not UTF-8, text that
-    is not JSON, or another value is a ValueError naming the file: json's own errors name none."""
+    is not JSON, another value, or (checked) content that is not what was written is a ValueError naming the file."""
     path = Path(path)
     try:
         d = json.loads(path.read_bytes().decode("utf-8"))
@@ -116,7 +142,40 @@ def read_json(path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    if checked and d.pop("sha256", None) != json_digest(d):
+        raise ValueError(f"{path}: damaged (its content does not match the checksum written with it){CANNOT}")
     return d
+
+
+CANNOT = ": the run cannot go on from it; put the file back, or start the run again in another --out"
+
+
+def save_tensors(path, tensors: dict, identity: str):
+    """A safetensors file that vouches for itself: its header holds `identity` (what the file is: which run, which
+    checkpoint) and the sha256 of its tensors, which load_tensors checks."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata={"identity": identity, "sha256": digest(tensors)})
+        except SafetensorError as e:  # its I/O errors are not OSErrors: a full disk must still read as one
+            if "code: 28" in str(e) or "No space" in str(e):
+                raise OSError(errno.ENOSPC, str(e)) from None
+            raise
+
+
+def load_tensors(path, identity: str) -> dict:
+    """The tensors of a save_tensors file, refused in one line naming it when it is missing, cut short, damaged, or
+    another file than `identity` (a swapped or stale one)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: missing or not a whole safetensors file ({e}){CANNOT}") from None
+    if meta.get("identity") != identity:
+        raise ValueError(f"{path}: holds {meta.get('identity')!r}, not {identity!r} (a swapped or stale file){CANNOT}")
+    if meta.get("sha256") != digest(tensors):
+        raise ValueError(f"{path}: damaged (its tensors do not match the checksum written with them){CANNOT}")
+    return tensors
 
 
 # -----------------------------------------------------------------------------
@@ -139,6 +198,19 @@ def number(kind=int, *, above=None, at_least=None, at_most=None):
         return x
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
     return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a device this torch can use ("cpu", "cuda", "cuda:1")."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch sees no CUDA device (a CPU build, or no GPU visible)")
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -164,11 +236,16 @@ USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def run(main, *args):
-    """main(*args), with the errors a user can fix (bad input: ValueError; a missing file, a full disk, a read-only
-    folder: OSError; a library not installed: ModuleNotFoundError) ended by one line on stderr and exit status 2, not
-    a traceback."""
+    """main(*args), with the errors a user can fix (a refusal: SystemExit("..."); bad input: ValueError; a missing
+    file, a full disk, a read-only folder: OSError; a library not installed: ModuleNotFoundError) ended by one line
+    on stderr, "error: ...", and exit status 2, not a traceback."""
     try:
         return main(*args)
+    except SystemExit as e:  # the commands' own refusals: one line too
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit("stopped (Ctrl-C)")
     except (ValueError, UnicodeError, ModuleNotFoundError) as e:

@@ -38,6 +38,9 @@ class Example:
 
     def __post_init__(self):
         # every converter, reader and test builds examples through here, so bad rows fail in one place
+        for text in (self.question, self.answer, self.rationale, *(self.choices or ())):
+            if isinstance(text, str):
+                text.encode("utf-8")  # a lone surrogate (JSON can hold one) fails here, not when written or tokenized
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"question must be a non-empty string, got {self.question!r}")
         if not isinstance(self.answer, str) or not self.answer.strip():
@@ -214,10 +217,14 @@ def check_interval(sizes: dict[str, int], interval: float, batch_size: int, alon
 
 
 def check_vocabulary(tok, vocab_size: int, model_dir):
-    """A token id past the model's embedding would fail mid-run, or read another row's weights."""
-    if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"{model_dir}: the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
-                         f"{vocab_size}")
+    """The tokenizer must be the model's: a token id past the embedding would fail mid-run, and a much smaller
+    tokenizer is another model's (its ids mean other words)."""
+    n = tok.get_vocab_size()
+    if n > vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
+    if n < 0.99 * vocab_size:  # checkpoints pad their vocabulary a little (Qwen2.5 0.18%, OLMo 2 0.07%), no more
+        raise ValueError(f"{model_dir}: the tokenizer has {n} tokens, the model's vocabulary {vocab_size}: not this "
+                         "model's tokenizer")
 
 
 # -----------------------------------------------------------------------------

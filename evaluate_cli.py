@@ -17,6 +17,7 @@ import torch
 
 import common
 import evaluate
+import runfolder
 from data import check_vocabulary, load_mixture, load_tokenizer
 from hub import resolve_checkpoint
 from model import Transformer
@@ -48,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--signal", choices=["acc", "loss"], default="acc", help="loss: gold-target loss only, no "
                     "generation (cheap)")
     ap.add_argument("--gold-loss", action="store_true", help="with --signal acc, the gold-target loss as well")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device", type=common.device, default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache dtype")
     # output
     ap.add_argument("--progress", type=common.number(float, above=0), default=60,
@@ -61,7 +62,7 @@ def main(argv=None):
     if args.out:  # before anything slow: a run must not end unable to write what it found
         out = Path(args.out)
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            runfolder.lock(out)  # one writer: not a folder another command holds, nor one inside a live run's
             common.write_text(out / ".probe", "")
             (out / ".probe").unlink()
         except OSError as e:

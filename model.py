@@ -356,8 +356,12 @@ class Transformer(nn.Module):
                     if shape != tuple(expected[ours]):
                         raise ValueError(f"{f}: tensor {name!r} has shape {shape}, config.json implies "
                                          f"{tuple(expected[ours])}")
+                    t = st.get_tensor(name)
+                    if not t.is_floating_point() or not torch.isfinite(t).all():  # a quantized or broken file
+                        what = "holds NaN or inf" if t.is_floating_point() else f"is {t.dtype}, not float weights"
+                        raise ValueError(f"{f}: tensor {name!r} {what}: not a checkpoint to train or evaluate")
                     with torch.no_grad():
-                        (fill or torch.Tensor.copy_)(params[ours], st.get_tensor(name))
+                        (fill or torch.Tensor.copy_)(params[ours], t)
                     filled.add(ours)
         missing = sorted(h for h, o in names.items() if o not in filled)
         if missing:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import common
 
@@ -96,7 +95,9 @@ class SnapshotStore:
     """Parameter snapshots by checkpoint id: CPU copies in memory (dir=None), or safetensors files in `dir` with a
     manifest.json (each snapshot's epoch, stage, scores; the peak count) so that a restarted run finds them.
     Files are written to a temporary name and renamed, the manifest likewise: a kill never leaves half a snapshot,
-    and a file the manifest does not list (killed between the two) is removed when the store is opened again.
+    and a file the manifest does not list (killed between the two) is removed when the store is opened again. Each
+    file carries its id and checksum, and the manifest its own (common.save_tensors): a damaged, cut or swapped one
+    is refused naming it, never used.
     holds=False keeps the bookkeeping alone, no tensors (load gives {}): a rank whose parameters come from rank 0 on
     a roll-back (DDP ranks > 0). Under FSDP each rank has a store of its own for its shards (fsdp.py)."""
 
@@ -111,8 +112,8 @@ class SnapshotStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "manifest.json"
         if manifest.exists():
+            m = common.read_json(manifest, checked=True)
             try:
-                m = json.loads(manifest.read_text())
                 self.meta = {int(i): dict(meta) for i, meta in m["snapshots"].items()}
                 self.peak_held = int(m["peak_held"])
             except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -121,7 +122,7 @@ class SnapshotStore:
                 if not self.path(i).is_file():
                     raise FileNotFoundError(f"{manifest} lists snapshot {i} but {self.path(i)} is missing")
         listed = {self.path(i).name for i in self.meta}
-        for p in self.dir.glob("snapshot-*"):
+        for p in [*self.dir.glob("snapshot-*"), *self.dir.glob(".snapshot-*")]:  # and what a kill left half-written
             if p.name not in listed:
                 p.unlink()
 
@@ -139,14 +140,13 @@ class SnapshotStore:
         return self.dir / f"snapshot-{id:06d}.safetensors"
 
     def write_manifest(self):
-        common.write_json(self.dir / "manifest.json", {"peak_held": self.peak_held, "snapshots": self.meta})
+        common.write_json(self.dir / "manifest.json", {"peak_held": self.peak_held, "snapshots": self.meta}, checked=True)
 
     def save(self, id: int, params: dict[str, torch.Tensor], meta: dict):
         if self.dir is None:
             self.tensors[id] = {k: v.detach().to("cpu", copy=True) for k, v in params.items()} if self.holds else {}
         else:
-            with common.atomic(self.path(id)) as tmp:
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, tmp)
+            common.save_tensors(self.path(id), params, f"snapshot {id}")
         self.meta[id] = json.loads(json.dumps(meta))  # a copy: the caller's dicts change later
         self.peak_held = max(self.peak_held, len(self.meta))
         if self.dir is not None:
@@ -156,7 +156,7 @@ class SnapshotStore:
         """The snapshot's tensors on the CPU (the memory store's own copies: copy them in, do not modify)."""
         if id not in self.meta:
             raise KeyError(f"{self}: no snapshot {id} (held: {self.ids()})")
-        return self.tensors[id] if self.dir is None else load_file(self.path(id))
+        return self.tensors[id] if self.dir is None else common.load_tensors(self.path(id), f"snapshot {id}")
 
     def drop(self, id: int):
         del self.meta[id]

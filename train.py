@@ -13,6 +13,7 @@ resume state, the exported model). --out gets log.jsonl (an event a line, as it 
 """
 import argparse
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -49,12 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>, or runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed evaluation")
     # the algorithm (SPEC sections 3, 9)
-    p.add_argument("--budget", type=number(float, above=0), default=3.0,
+    p.add_argument("--budget", type=number(float, above=0, at_most=1e4), default=3.0,
                    help="mSFT compute budget C: epochs per roll-out (Table 2: 3)")
-    p.add_argument("--interval", type=number(float, above=0), default=0.25,
+    p.add_argument("--interval", type=number(float, above=0, at_most=1e4), default=0.25,
                    help="evaluate every this many epochs of the active mixture")
     p.add_argument("--max-stages", type=number(int, at_least=1), default=10, help="mSFT stops after this many stages")
-    p.add_argument("--max-epochs", type=number(float, above=0), default=None,
+    p.add_argument("--max-epochs", type=number(float, above=0, at_most=1e4), default=None,
                    help="SFT and the baselines train this long (default 10); caps mSFT's cumulative epochs only when given")
     p.add_argument("--ties", choices=("first", "all"), default="first",
                    help="of the tasks peaking first together, exclude the first in the release's order, or all")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(FSDP2, fsdp.py), for models that do not fit whole on one GPU")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only each block's input and recompute the block in the backward pass")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", type=common.device, default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block for training (default: on for cuda)")
     p.add_argument("--progress", type=number(float, at_least=0), default=15,
@@ -118,7 +119,8 @@ def parse_args(argv=None):
     checks = [(args.interval <= args.budget, "--interval must be no larger than --budget"),
               (args.max_epochs is None or args.max_epochs >= args.interval, "--max-epochs must be at least --interval")]
     import baselines
-    for ok, msg in checks + baselines.flag_checks(args):
+    torchrun = [(not args.fsdp or "RANK" in os.environ, "--fsdp shards over ranks: run it under torchrun")]
+    for ok, msg in checks + baselines.flag_checks(args) + torchrun:
         if not ok:
             p.error(msg)
     return args

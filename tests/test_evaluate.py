@@ -585,7 +585,13 @@ BROKEN = {  # what breaks a copy of the demo model (m) or mixture (d) -> what th
         m / "model.safetensors", lambda sd: sd.update({k: v[:100] for k, v in sd.items() if "embed" in k}))),
         "{m}: the tokenizer has 320 tokens but the model's vocabulary is 100"),
     "NaN weights": (lambda m, d: edit_tensors(m / "model.safetensors", lambda sd: sd["model.norm.weight"].fill_(
-        float("nan"))), "error: first: the gold-target loss is nan"),
+        float("nan"))), "{m}/model.safetensors: tensor 'model.norm.weight' holds NaN or inf"),
+    "int8 weights": (lambda m, d: edit_tensors(m / "model.safetensors", lambda sd: sd.update(
+        {k: v.to(torch.int8) for k, v in sd.items()})), "{m}/model.safetensors: tensor 'model.embed_tokens.weight' "
+                                                         "is torch.int8, not float weights"),
+    "another model's tokenizer": (lambda m, d: (edit_config(m, vocab_size=1000), edit_tensors(
+        m / "model.safetensors", lambda sd: sd.update({k: v.repeat(4, 1)[:1000] for k, v in sd.items() if "embed" in k}))),
+        "{m}: the tokenizer has 320 tokens, the model's vocabulary 1000: not this model's tokenizer"),
     "manifest not JSON": (lambda m, d: (d / "manifest.json").write_text("{"),
                           "--data {d}: {d}/manifest.json: not valid JSON"),
 }

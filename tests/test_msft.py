@@ -175,7 +175,7 @@ def test_store_reopens_and_cleans_up(tmp_path):
     store.drop(1)
     # a kill between a file's rename and the manifest's update leaves an unlisted file; one mid-write a .tmp
     (tmp_path / "snapshot-000009.safetensors").write_bytes(b"junk")
-    (tmp_path / "snapshot-000010.tmp").write_bytes(b"junk")
+    (tmp_path / ".snapshot-000010.safetensors.tmp").write_bytes(b"junk")
     again = msft.SnapshotStore(tmp_path)
     assert again.ids() == [0, 2] and again.peak_held == 3
     assert again.meta[2] == {"epoch": 0.5, "stage": 1, "scores": {"a": 2}}
@@ -186,7 +186,7 @@ def test_store_reopens_and_cleans_up(tmp_path):
     with pytest.raises(FileNotFoundError, match="lists snapshot 2 but .*snapshot-000002.safetensors is missing"):
         msft.SnapshotStore(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest.json: not a snapshot manifest"):
+    with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
         msft.SnapshotStore(tmp_path)
 
 

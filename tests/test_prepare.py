@@ -239,7 +239,7 @@ def test_a_failed_prepare_leaves_the_old_folder_as_it_was(src, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_text(path, *args, **kw)
     monkeypatch.setattr(Path, "write_text", full_at_third_file)
-    with pytest.raises(OSError, match="No space left") as e:
+    with pytest.raises(OSError, match="(?i)no space left") as e:
         small(src, out, seed=1)
     monkeypatch.undo()
     assert e.value.filename == str(out.resolve())
@@ -293,7 +293,7 @@ def test_a_full_disk_leaves_the_old_mixture_and_says_so_in_one_line(src, tmp_pat
             {"question": f"{n} " + "x" * 2000, "answer": "A", "choices": ["x", "y"]} for n in range(60)])
         line = refused("data.py", "prepare", "--source", tmp_path / "big", "--out", disk / "mix", "--train", 50,
                        "--selection", 5, "--test", 5)
-        assert line == f"error: {disk / 'mix'}: No space left on device"
+        assert line.startswith(f"error: {disk / 'mix'}: no space left on the device (")
         assert snapshot(disk / "mix") == before and sorted(p.name for p in disk.iterdir()) == ["mix"]
     finally:
         subprocess.run(["umount", str(disk)], check=True)

@@ -147,8 +147,11 @@ def test_kill_at_a_random_evaluation_and_resume(tmp_path, demo):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--budget", "0"], "argument --budget: expected a finite float > 0, got '0'"),
-    (["--max-epochs", "inf"], "argument --max-epochs: expected a finite float > 0, got 'inf'"),
+    (["--budget", "0"], "argument --budget: expected a finite float > 0 and <= 10000.0, got '0'"),
+    (["--budget", "1e308"], "argument --budget: expected a finite float > 0 and <= 10000.0, got '1e308'"),
+    (["--max-epochs", "inf"], "argument --max-epochs: expected a finite float > 0 and <= 10000.0, got 'inf'"),
+    (["--device", "bogus"], "argument --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--fsdp"], "--fsdp shards over ranks: run it under torchrun"),
     (["--grad-clip", "-1"], "argument --grad-clip: expected a finite float >= 0, got '-1'"),
     (["--lr", "nan"], "argument --lr: expected a finite float > 0, got 'nan'"),
     (["--eval-batch", "0"], "argument --eval-batch: expected a finite int >= 1, got '0'"),
