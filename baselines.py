@@ -39,17 +39,22 @@ def add_flags(p):
     p.add_argument("--search-log", default=None,
                    help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
                         "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")
+    p.add_argument("--ies-rule", choices=("paper", "reference"), default="paper",
+                   help="ies: paper: the mSFT paper's IES (Appendix F): the last second difference of an example's "
+                        "losses, the base model's the first, so examples leave from the 3rd epoch on; reference: IES's "
+                        "own code, the mean over --ies-window second differences, from epoch window + 4 on")
     p.add_argument("--ies-threshold", type=number(float, above=0), default=1e-3,
-                   help="ies: an example whose mean |second difference| of loss is under this is left out of backprop")
+                   help="ies: an example whose |second difference| of loss is under this is left out of backprop")
     p.add_argument("--ies-window", type=number(int, at_least=1), default=3,
-                   help="ies: epochs that mean is over (the reference code: 3; an example can leave after window + 3 "
-                        "epochs at the earliest)")
+                   help="ies --ies-rule reference: second differences averaged (IES's code: 3)")
     p.add_argument("--dynamix-every", type=number(int, at_least=0), default=0,
                    help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
-    p.add_argument("--dynamix-batch", type=number(int, at_least=1), default=8,
-                   help="dynamix: examples per task in each look-ahead")
+    p.add_argument("--dynamix-batch", type=number(int, at_least=1), default=128,
+                   help="dynamix: examples per task in each look-ahead (128: the look-ahead costs what the mSFT paper's "
+                        "Appendix F says, 95%% of training FLOPs on its mixture)")
     p.add_argument("--dynamix-beta", type=number(float, at_least=0), default=4.0,
-                   help="dynamix: sharpness of p ~ exp(beta Q) (paper: 4)")
+                   help="dynamix: sharpness of p ~ exp(beta Q): DynamixSFT's paper uses 4 (or 5); the mSFT paper re-tuned "
+                        "it, to a value its text as we have it does not show")
 
 
 def flag_checks(args) -> list[tuple[bool, str]]:
@@ -68,24 +73,57 @@ def attach(run):
 
 
 class Sampler(data.MixtureSampler):
-    """data.MixtureSampler with two more modes. Skipped examples (IES): a pass goes over the active examples that are
-    not skipped, and a new set of skipped examples starts a new pass. Task weights (Soft SRO, DynamixSFT): each slot
-    of a step picks task i with probability w_i / sum(active w), then the next example of that task's own seeded
-    cycle (no repeats within a task until it is used up); a pass is then as many draws as there are active
-    examples, so epochs keep their length."""
+    """data.MixtureSampler with three more modes, each example drawn from its task's own seeded cycle (no repeats
+    within a task until it is used up).
+    Skipped examples (IES): a pass goes over the active examples that are not skipped; a new set starts a new pass.
+    Shares (Soft SRO): a pass of task i takes round(n_i x w_i / W) examples, W the size-weighted mean of the weights,
+    so a pass keeps the epoch's length and equal weights train exactly what SFT trains, whatever the task sizes.
+    Probabilities (DynamixSFT): each slot of a step picks task i with probability w_i / sum(active w); a pass is then
+    as many draws as there are active examples, so epochs keep their length."""
 
     def __init__(self, sizes, batch, seed):
         super().__init__(sizes, batch, seed)
         self.skip: frozenset = frozenset()              # (task, index) left out of the passes
-        self.weights = None
-        self.cursors = {t: [0, 0] for t in self.tasks}  # weighted mode: task -> [cycle, position]
+        self.weights, self.shares = None, None
+        self.cursors = {t: [0, 0] for t in self.tasks}  # task -> [cycle, position] in its own cycle
+        self._pass = None                               # (key, items) of the current shared pass
+
+    def next_of(self, task: str, cursor: list[int]) -> int:
+        """The example at `cursor` in the task's cycles, and the cursor moved on (in place)."""
+        cycle, pos = cursor
+        i = int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])
+        cursor[:] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+        return i
+
+    def quota(self) -> dict[str, int]:
+        """Each active task's examples in one shared pass: largest remainders, so they sum to the pass's length."""
+        n = {t: self.sizes[t] for t in self.active}
+        mean = sum(n[t] * self.shares[t] for t in n) / sum(n.values())
+        exact = {t: n[t] * self.shares[t] / mean for t in n}
+        out = {t: math.floor(x) for t, x in exact.items()}
+        for t in sorted(n, key=lambda t: out[t] - exact[t])[:sum(n.values()) - sum(out.values())]:
+            out[t] += 1
+        return out
 
     def items(self):
-        return [(t, i) for t, i in super().items() if (t, i) not in self.skip]
+        if self.shares is None:
+            return [(t, i) for t, i in super().items() if (t, i) not in self.skip]
+        key = (self.pass_index, self.active)
+        if self._pass is None or self._pass[0] != key:  # the pass's items, from the cursors at its start
+            cursors = {t: list(self.cursors[t]) for t in self.active}
+            self._pass = (key, [(t, self.next_of(t, cursors[t])) for t, k in self.quota().items() for _ in range(k)])
+        return self._pass[1]
 
     @property
     def size(self) -> int:
         return super().size - sum(t in self.active for t, _ in self.skip)
+
+    def new_pass(self):
+        if self.shares is not None:  # the cycles move on by what the pass took
+            for t, k in self.quota().items():
+                for _ in range(k):
+                    self.next_of(t, self.cursors[t])
+        super().new_pass()
 
     def set_skip(self, items):
         items = frozenset((t, int(i)) for t, i in items)
@@ -96,14 +134,16 @@ class Sampler(data.MixtureSampler):
             self.skip = items
             self.new_pass()
 
-    def set_weights(self, weights: dict[str, float] | None):
+    def set_weights(self, weights: dict[str, float] | None, shares: bool = False):
+        """Task weights: probabilities per slot, or (shares=True) each task's share of a pass, by its size."""
         if weights is not None:
             bad = {t: w for t, w in weights.items() if t not in self.sizes
                    or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
-            if bad:
-                raise ValueError(f"weights must be finite and >= 0, for tasks of {', '.join(self.tasks)}: got {bad}")
+            if bad or shares and not all(weights.get(t, 0) > 0 for t in self.tasks):
+                raise ValueError(f"weights must be finite and >= 0 (shares > 0, for every task) for tasks of "
+                                 f"{', '.join(self.tasks)}: got {weights}")
             weights = {t: float(w) for t, w in sorted(weights.items())}
-        self.weights = weights
+        self.weights, self.shares = (None, weights) if shares else (weights, None)
 
     def draw(self, take: int) -> list[tuple[str, int]]:
         if self.weights is None:
@@ -118,9 +158,7 @@ class Sampler(data.MixtureSampler):
         for k in np.random.default_rng([self.seed, 1, self.step]).choice(len(w), size=take, p=w / w.sum()):
             task = self.active[k]
             while True:  # the task's own cycle, passing over skipped examples
-                cycle, pos = self.cursors[task]
-                i = int(self._perm((2, self.tasks.index(task), cycle), self.sizes[task])[pos])
-                self.cursors[task] = [cycle + 1, 0] if pos + 1 == self.sizes[task] else [cycle, pos + 1]
+                i = self.next_of(task, self.cursors[task])
                 if (task, i) not in self.skip:
                     break
             batch.append((task, i))
@@ -128,13 +166,14 @@ class Sampler(data.MixtureSampler):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "skip": sorted(map(list, self.skip)), "weights": self.weights,
-                "cursors": {t: list(c) for t, c in self.cursors.items()}}
+                "shares": self.shares, "cursors": {t: list(c) for t, c in self.cursors.items()}}
 
     def load_state_dict(self, d: dict):
         super().load_state_dict(d)
         self.skip = frozenset((t, i) for t, i in d["skip"])
-        self.weights = d["weights"]
+        self.weights, self.shares = d["weights"], d["shares"]
         self.cursors = {t: list(c) for t, c in d["cursors"].items()}
+        self._pass = None
 
 
 # -----------------------------------------------------------------------------
@@ -322,18 +361,20 @@ def run_sro(run, store, state: dict | None) -> tuple[dict, dict]:
 
 def run_soft_sro(run, store, state: dict | None) -> tuple[dict, dict]:
     """Soft SRO SFT (Appendix C, Alg. 3): (i) search(); (ii) from the base model, all tasks for the search's epochs,
-    task i sampled with weight peak(i) / mean(peaks): early peakers get fewer examples instead of being dropped."""
+    task i sampled with weight peak(i) / mean(peaks) on top of its size (Sampler's shares: with equal weights, SFT):
+    early peakers get fewer passes instead of being dropped."""
     state = search(run, store, state)
     mean = sum(state["peaks"].values()) / len(state["peaks"])
     weights = {t: p / mean for t, p in state["peaks"].items()} if mean > 0 else None  # None: all peak at the base
-    run.sampler.set_weights(weights)
+    run.sampler.set_weights(weights, shares=True)
     while not state["done"]:
         if state["evals"]:
             advance(run, state, run.tasks, 0.0, state["search_epochs"])
         events = [evaluate(run, state, 1, run.tasks)]
         if state["evals"] == 1:
+            passes = {t: k / run.sampler.sizes[t] for t, k in run.sampler.quota().items()} if weights else None
             events.append({"event": "decision", "stage": 1, "kind": "weights", "excluded": [], "rollback_epoch": None,
-                           "weights": weights, "peaks": state["peaks"]})
+                           "weights": weights, "peaks": state["peaks"], "passes_per_epoch": passes})
         if weights is None or state["epoch"] >= state["search_epochs"] - EPS:
             state["done"] = True
             events.append(done(run, state, 1))
@@ -344,11 +385,13 @@ def run_soft_sro(run, store, state: dict | None) -> tuple[dict, dict]:
 # -----------------------------------------------------------------------------
 # IES: instance-dependent early stopping
 
-def ies_left_out(losses: list[float], window: int, threshold: float) -> bool:
-    """IES's rule for one example, as its reference code has it (Yuan et al. 2025: second_derivative, k = 1): with
-    d_t = L_t - 2 L_(t-1) + L_(t-2) the second difference of its per-epoch losses, it is mastered when the mean of
-    |d| over the last `window` epochs is under `threshold`; the code asks for window + 1 second differences first
-    (window + 3 losses), so an example can leave after its (window + 3)-th epoch at the earliest."""
+def ies_left_out(losses: list[float], window: int, threshold: float, rule: str = "reference") -> bool:
+    """IES's rule for one example (Yuan et al. 2025), on d_t = L_t - 2 L_(t-1) + L_(t-2), the second difference of
+    its per-epoch losses. "paper" (the mSFT paper's Appendix F): mastered when the last |d| is under `threshold`.
+    "reference" (IES's code: second_derivative, k = 1): when the mean of |d| over the last `window` epochs is under
+    `threshold`; the code asks for window + 1 second differences first (window + 3 losses)."""
+    if rule == "paper":
+        return len(losses) >= 3 and abs(losses[-1] - 2 * losses[-2] + losses[-3]) < threshold
     if len(losses) < window + 3:
         return False
     d2 = [abs(losses[j] - 2 * losses[j - 1] + losses[j - 2]) for j in range(len(losses) - window, len(losses))]
@@ -383,9 +426,11 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
     pass over the examples not left out, in full-size steps (so fewer steps as examples leave); each trained
     example's loss is recorded from its training forward (Run.on_losses), and after the epoch the left-out ones'
     losses are measured forward-only (measure). Those join every example's history and the left-out set is
-    recomputed from the histories (--ies-window, --ies-threshold), so examples can come back."""
+    recomputed from the histories (--ies-rule, --ies-threshold), so examples can come back. The paper's rule starts
+    each history with the base model's loss, measured forward-only before the first step: examples can then leave
+    from the 3rd epoch on, as the mSFT paper's Appendix F says its IES did."""
     a = run.args
-    keep = a.ies_window + 3  # the losses the rule looks at
+    keep = 3 if a.ies_rule == "paper" else a.ies_window + 3  # the losses the rule looks at
     sizes = {t: len(run.train_enc[t]) for t in run.tasks}
     state = start(run, store, state, losses={t: [[] for _ in range(n)] for t, n in sizes.items()},
                   window={t: [[0.0, 0] for _ in range(n)] for t, n in sizes.items()},
@@ -396,6 +441,12 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
             state["window"][t][i][0] += loss
             state["window"][t][i][1] += 1
     run.on_losses.append(record)
+    if a.ies_rule == "paper" and not state["evals"]:  # the base model's losses, every history's first
+        items, losses, tokens = measure(run, [(t, i) for t in run.tasks for i in range(sizes[t])])
+        for (t, i), loss in zip(items, losses):
+            state["losses"][t][i].append(loss)
+        run.log({"event": "ies", "epoch": 0.0, "left_out": 0, "by_task": {t: 0 for t in run.tasks},
+                 "examples": sum(sizes.values()), "forward_tokens": tokens})
     run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
     while not state["done"]:
         if state["evals"]:
@@ -411,7 +462,7 @@ def run_ies(run, store, state: dict | None) -> tuple[dict, dict]:
                     h.append(total / count)
                     del h[:-keep]
                 state["left_out"][t] = [i for i, h in enumerate(state["losses"][t])
-                                        if ies_left_out(h, a.ies_window, a.ies_threshold)]
+                                        if ies_left_out(h, a.ies_window, a.ies_threshold, a.ies_rule)]
                 state["window"][t] = [[0.0, 0] for _ in range(sizes[t])]
             run.sampler.set_skip((t, i) for t, ids in state["left_out"].items() for i in ids)
             state["closed"] = math.floor(state["epoch"] + EPS)

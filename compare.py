@@ -36,7 +36,7 @@ import train
 REPO = Path(__file__).resolve().parent
 SEARCH = ("sro", "soft-sro")  # their search phase is an SFT run: they read its log
 SET_HERE = ("method", "model", "data", "out", "resume", "search_log")  # train.py flags this script sets per run
-SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "flops")
+SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "best_checkpoint", "flops")
 FLOPS = ("train", "eval", "total", "paper_eval", "paper_total", "test")  # flops.FlopCounter.report()'s, per run
 EPS = 1e-9
 
@@ -214,6 +214,15 @@ def curves(log: list[dict]) -> dict:
     return {"segments": segments, "jumps": jumps, "drops": drops}
 
 
+def chosen_eval(run: dict) -> dict | None:
+    """The eval event of the checkpoint a finished run chose, by its identity, not its epoch (after mSFT's roll-backs
+    several checkpoints share an epoch): that checkpoint's last evaluation (SRO's search numbers its own first)."""
+    if not run["summary"]:
+        return None
+    best = run["summary"]["best_checkpoint"]
+    return [e for e in run["log"] if e["event"] == "eval" and e.get("checkpoint") == best][-1]
+
+
 def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     """An exponential moving average: a step's loss over a handful of one task's examples is noisy."""
     out, m = [], None
@@ -283,11 +292,10 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
             for epoch, t, s, kind in c["drops"]:
                 if t == task and s is not None:
                     ax.plot([epoch], [s], marker="*", ms=10, color=color[m], mec="k", mew=0.5)
-            if r["summary"]:
-                best = r["summary"]["best_epoch"]
-                at = [s for seg in c["segments"].get(task, []) for e, s in seg if abs(e - best) < EPS]
-                if at:
-                    ax.plot([best], [at[-1]], marker="o", ms=8, mfc="none", color=color[m], mew=1.2)
+            chosen = chosen_eval(r)
+            if chosen and task in chosen["scores"]:
+                ax.plot([chosen["epoch"]], [chosen["scores"][task]], marker="o", ms=8, mfc="none", color=color[m],
+                        mew=1.2)
         if y_range(points):
             ax.set_ylim(*y_range(points))
         ax.set_title(task, fontsize=10)
@@ -363,6 +371,7 @@ def run_methods(args, extra: list[str]):
                          f"(--methods, --model, --data, --out, --seeds); drop them")
     root = Path(args.out).resolve()
     if args.model is None and args.data is None:  # the built-in demo: its mixture, tiny model and flags
+        demo.pin_arithmetic()  # for every train.py it runs: the same run on any x86 machine
         data_dir = demo.make_demo(root / "data")
         model = str(demo.demo_checkpoint(data_dir))
         extra = [x for k, v in demo.DEMO_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))] + extra

@@ -93,8 +93,10 @@ class FlopCounter:
             counted = event["active"] if stage_wise else event["evaluated"]
             self.add("paper_eval", sum(event["paper_tokens"].get(t, 0) for t in counted))
         elif stage_wise and event["event"] == "decision" and event["kind"] in ("drop", "no_drop"):
-            self.excluded += event["excluded"]
+            # the tasks excluded before this stage, validated once at its roll-back checkpoint (V(E_k)); the one it
+            # excludes now was active, and counted at each of its checkpoints
             self.add("paper_eval", sum(self.paper_last[t] for t in self.excluded))
+            self.excluded += event["excluded"]
         if "flops" in event:
             event["flops"], event["flop_tokens"] = self.report(), dict(self.tokens)
 
@@ -106,7 +108,8 @@ class FlopCounter:
         f = {kind: FLOPS_PER_PARAM_TOKEN[kind] * self.n_params * n for kind, n in self.tokens.items()}
         train = sum(f[kind] for kind in TRAINING)
         return {"train": train, "eval": f["eval"], "total": train + f["eval"], "test": f["test"],
-                "paper_eval": f["paper_eval"], "paper_total": train + f["paper_eval"], "paper_test": f["paper_test"]}
+                "paper_eval": f["paper_eval"], "paper_total": train + f["paper_eval"], "paper_test": f["paper_test"],
+                "forward": f["forward"], "lookahead": f["lookahead"]}  # both part of "train": IES's, DynamixSFT's
 
     def state_dict(self) -> dict:
         return {"n_params": self.n_params, "tokens": dict(self.tokens), "paper_last": dict(self.paper_last),

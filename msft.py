@@ -229,8 +229,8 @@ def scored(state: LoopState, ckpt: dict, scores: dict) -> dict:
     avg = sum(ckpt["scores"][t] for t in state.tasks) / len(state.tasks)
     if state.best is None or avg > state.best["avg"]:
         state.best = {**json.loads(json.dumps(ckpt)), "avg": avg}
-    return {"event": "eval", "stage": state.stage, "epoch": ckpt["epoch"], "active": list(state.active),
-            "evaluated": sorted(scores), "scores": scores, "avg": avg}
+    return {"event": "eval", "stage": state.stage, "epoch": ckpt["epoch"], "checkpoint": ckpt["id"],
+            "active": list(state.active), "evaluated": sorted(scores), "scores": scores, "avg": avg}
 
 
 def sync_store(hooks, store: SnapshotStore, state: LoopState):
@@ -352,8 +352,8 @@ def score(hooks, tasks: list[str], state: dict, stage: int, active: list[str]) -
         state["best"] = {"id": state["evals"], "epoch": state["epoch"], "avg": avg}
     state["model_at"] = {"id": state["evals"], "epoch": state["epoch"]}
     state["evals"] += 1
-    return {"event": "eval", "stage": stage, "epoch": state["epoch"], "active": sorted(active),
-            "evaluated": list(tasks), "scores": scores, "avg": avg}
+    return {"event": "eval", "stage": stage, "epoch": state["epoch"], "checkpoint": state["evals"] - 1,
+            "active": sorted(active), "evaluated": list(tasks), "scores": scores, "avg": avg}
 
 
 def wanted(state: dict) -> set[int]:

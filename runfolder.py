@@ -325,6 +325,7 @@ def report(run, store, best: dict, last: dict) -> dict:
     is finished, and its resume state and snapshots go (unless --keep-state)."""
     a = run.args
     final_scores = run.evaluate(run.tasks, split="test", final=True)
+    rows = {t: r["n"] for t, r in run.last_eval.items()}  # what each test score is over: every row, --eval-limit or not
     if a.save_final:
         export(run, run.out / "final-model")
     scores = final_scores
@@ -332,7 +333,8 @@ def report(run, store, best: dict, last: dict) -> dict:
         run.restore(store.load(best["id"]))
         scores = run.evaluate(run.tasks, split="test", final=True)
     mean = lambda s: sum(s.values()) / len(s)
-    final = {"event": "final", "best_epoch": best["epoch"], "best_avg": best["avg"], "scores": scores,
+    final = {"event": "final", "best_epoch": best["epoch"], "best_checkpoint": best["id"], "best_avg": best["avg"],
+             "test_rows": rows, "scores": scores,
              "test_avg": mean(scores), "final_epoch": last["epoch"], "final_scores": final_scores,
              "final_test_avg": mean(final_scores), "flops": run.flops.report(), "peak_snapshots": store.peak_held}
     run.log(final)
@@ -341,6 +343,7 @@ def report(run, store, best: dict, last: dict) -> dict:
     if run.rank == 0:
         common.write_json(run.out / "summary.json", {
             "args": vars(a), "method": a.method, "tasks": run.tasks, "best_epoch": best["epoch"],
+            "best_checkpoint": best["id"], "test_rows": rows,
             **({"best_mixture_epoch": best["mixture_epoch"]} if "mixture_epoch" in best else {}),
             "selection_avg": best["avg"], "test_scores": scores, "test_avg": final["test_avg"],
             "final_epoch": last["epoch"], "final_test_scores": final_scores, "final_test_avg": final["final_test_avg"],

@@ -257,19 +257,21 @@ class Run:
         self.step, self.tokens, self.segment[2] = self.step + 1, self.tokens + real, self.segment[2] + len(batch)
         self.flops.train(real)
         self.epoch = self.segment[1] + self.segment[2] / self.sampler.size
-        per_task = {t: [sum(x for (u, _), x in zip(batch, v) if u == t) for v in (ex, n_answer)] for t, _ in batch}
+        per_task = {t: [sum(x for (u, _), x in zip(batch, v) if u == t) for v in (ex, n_answer, [1] * len(ex))]
+                    for t, _ in sorted(batch)}  # summed loss, answer tokens, examples
         self.log({"event": "train", "epoch": round(self.epoch, 6), "examples": len(batch), "loss": loss,
-                  "task_loss": {t: s / n for t, (s, n) in sorted(per_task.items())}, "lr": self.args.lr,
-                  "tokens": int(real), "tok_per_s": real / (time.time() - t0), "real_frac": real / padded})
+                  "task_loss": {t: s / n for t, (s, n, _) in per_task.items()}, "lr": self.args.lr,
+                  "task_examples": {t: k for t, (_, _, k) in per_task.items()}, "tokens": int(real),
+                  "tok_per_s": real / (time.time() - t0), "real_frac": real / padded})
 
     def evaluate(self, tasks: list[str], split: str | None = None, final: bool = False) -> dict[str, float]:
-        """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split or `split`; a final
-        evaluation (the report on the test split) is counted apart from the method's FLOPs."""
+        """Scores of `tasks` (accuracy, or minus the gold-answer loss) on --select-on's split (its first --eval-limit
+        rows) or `split`; a final evaluation (the report on the test split, every row) is counted apart in FLOPs."""
         a = self.args
         with self.autocast:
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
-                           shots=a.shots, seed=a.seed, demos=self.demos, limit=a.eval_limit, batch_size=a.eval_batch,
-                           max_new_tokens=a.max_new_tokens, signal=a.signal)
+                           shots=a.shots, seed=a.seed, demos=self.demos, limit=None if final else a.eval_limit,
+                           batch_size=a.eval_batch, max_new_tokens=a.max_new_tokens, signal=a.signal)
         self.flops.add("test" if final else "eval", sum(r["tokens"] for r in res.values()))
         if final:
             self.flops.add("paper_test", sum(r["paper_tokens"] for r in res.values()))

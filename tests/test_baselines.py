@@ -9,6 +9,7 @@ checkpoint and real rows). Every method's FLOPs equal the hand count 6N train + 
 eval tokens (+ the search run's), and a run killed right after a checkpoint resumes to the same log."""
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cut_mixture
+from conftest import cut_mixture, write_jsonl
 import baselines
 import data
+import hub
 import msft
 import prepare
 import runfolder
 import train
+from demo import DEMO_MODEL
+from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,8 +57,8 @@ def spy(monkeypatch, cls, name, record):
     """Wrap cls.name so that record(self, args, result) sees every call."""
     orig = getattr(cls, name)
 
-    def wrapper(self, *args):
-        out = orig(self, *args)
+    def wrapper(self, *args, **kw):
+        out = orig(self, *args, **kw)
         record(self, args, out)
         return out
     monkeypatch.setattr(cls, name, wrapper)
@@ -183,23 +187,82 @@ def test_sro_drops_each_task_at_its_searched_peak(tmp_path, mix, sft_log, monkey
     assert strip(log2[1:]) == strip(second)
 
 
-def test_soft_sro_samples_by_peak_over_mean_peak(tmp_path, mix, sft_log, monkeypatch):
-    weights = []
+@pytest.fixture(scope="module")
+def uneven(demo_data, tmp_path_factory):
+    """The demo's tasks cut to unequal sizes, as a user's mixture has them: code 48, first 24, key 36, sum 12
+    training rows (120 an epoch: 10 steps of 12)."""
+    return cut_mixture(demo_data, tmp_path_factory.mktemp("uneven") / "mix", (48, 24, 36, 12), 16, 8)
+
+
+@pytest.fixture(scope="module")
+def uneven_sft_log(uneven, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-uneven")
+    run_train(out, uneven, "sft", *UNEVEN_SEARCH)
+    return out / "log.jsonl"
+
+
+UNEVEN_SEARCH = ["--max-epochs", "3", "--lr", "1e-2"]  # on `uneven` the tasks peak at 2.5, 2.75 and 3
+
+
+def hand_quota(sizes, weights):
+    """Soft SRO's examples a task in one pass, restated: n_i proportional to size_i x w_i, summing to the epoch's
+    examples, the rounding's remainders handed to the largest fractions."""
+    total = sum(sizes.values())
+    exact = {t: total * sizes[t] * weights[t] / sum(sizes[u] * weights[u] for u in sizes) for t in sizes}
+    out = {t: math.floor(x) for t, x in exact.items()}
+    for t in sorted(sizes, key=lambda t: out[t] - exact[t])[:total - sum(out.values())]:
+        out[t] += 1
+    return out
+
+
+def epochs_of(steps, per_epoch):
+    return [steps[k:k + per_epoch] for k in range(0, len(steps), per_epoch)]
+
+
+def test_soft_sro_samples_by_peak_over_mean_peak_on_top_of_size(tmp_path, uneven, uneven_sft_log, monkeypatch):
+    weights, steps = [], []
     spy(monkeypatch, baselines.Sampler, "set_weights", lambda s, a, out: weights.append(a[0]))
-    final = run_train(tmp_path, mix, "soft-sro", *SEARCH, "--search-log", str(sft_log))
+    spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: steps.append(list(out)))
+    final = run_train(tmp_path, uneven, "soft-sro", *UNEVEN_SEARCH, "--search-log", str(uneven_sft_log))
     log = read_log(tmp_path)
-    sft = [json.loads(line) for line in sft_log.read_text().splitlines()]
-    check_common(log, final, mix, stages={1}, search_flops=sft[-1]["flops"])
+    sft = [json.loads(line) for line in uneven_sft_log.read_text().splitlines()]
+    check_common(log, final, uneven, stages={1}, search_flops=sft[-1]["flops"])
     peaks = brute_peaks([e for e in sft if e["event"] == "eval"])
     mean = sum(peaks.values()) / len(peaks)
     expected = {t: p / mean for t, p in peaks.items()}
+    assert len(set(expected.values())) > 1, "the tasks should peak apart for this test to bite"
     (logged,) = [e for e in log if e.get("kind") == "weights"]
     assert logged["weights"] == pytest.approx(expected, abs=1e-12)
-    assert weights and all(w == logged["weights"] for w in weights)  # every interval trains with them
-    # the same examples as the search: all tasks, for the search's epochs
+    assert weights and all(w == logged["weights"] for w in weights)
+    sizes = {"code": 48, "first": 24, "key": 36, "sum": 12}
+    quota = hand_quota(sizes, expected)
+    assert logged["passes_per_epoch"] == pytest.approx({t: quota[t] / sizes[t] for t in sizes})
+    # every epoch of the second run trains each task its quota: its size times its weight, not its weight alone
+    for epoch in epochs_of(steps, 10):
+        assert Counter(t for b in epoch for t, _ in b) == quota
+    assert len(steps) == 30  # the search's 3 epochs
     evals = [e for e in log if e["event"] == "eval"]
-    assert [e["epoch"] for e in evals] == [j * 0.25 for j in range(9)]
-    assert all(e["active"] == sorted(peaks) for e in evals)
+    assert [e["epoch"] for e in evals] == [j * 0.25 for j in range(13)]
+
+
+def test_soft_sro_with_equal_weights_trains_exactly_what_sft_trains(tmp_path, uneven, uneven_sft_log, monkeypatch):
+    """A search in which every task peaks at the same epoch gives every task the weight 1: the second run must then
+    train every example once an epoch, as SFT does, however unequal the tasks' sizes."""
+    flat = tmp_path / "flat.jsonl"
+    lines = []
+    for e in map(json.loads, uneven_sft_log.read_text().splitlines()):
+        if e["event"] == "eval":
+            e["scores"] = {t: -abs(e["epoch"] - 1.0) for t in e["scores"]}
+        lines.append(json.dumps(e) + "\n")
+    flat.write_text("".join(lines))
+    steps = []
+    spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: steps.append(list(out)))
+    run_train(tmp_path / "run", uneven, "soft-sro", *UNEVEN_SEARCH, "--search-log", str(flat))
+    (logged,) = [e for e in read_log(tmp_path / "run") if e.get("kind") == "weights"]
+    assert logged["weights"] == {t: 1.0 for t in logged["weights"]} and set(logged["passes_per_epoch"].values()) == {1}
+    every = sorted((t, i) for t, n in {"code": 48, "first": 24, "key": 36, "sum": 12}.items() for i in range(n))
+    for epoch in epochs_of(steps, 10):
+        assert sorted(x for b in epoch for x in b) == every
 
 
 # -----------------------------------------------------------------------------
@@ -276,7 +339,7 @@ def test_ies_leaves_out_exactly_the_examples_under_the_threshold(tmp_path, mix, 
     spy(monkeypatch, baselines.Sampler, "next_batch", lambda s, a, out: steps.append(list(out)))
     w, thr = 1, 0.3
     final = run_train(tmp_path, mix, "ies", "--max-epochs", "6", "--interval", "0.5", "--ies-window", str(w),
-                      "--ies-threshold", str(thr))
+                      "--ies-threshold", str(thr), "--ies-rule", "reference")
     log = read_log(tmp_path)
     check_common(log, final, mix, stages={1})
     ies = [e for e in log if e["event"] == "ies"]
@@ -307,6 +370,34 @@ def test_ies_leaves_out_exactly_the_examples_under_the_threshold(tmp_path, mix, 
     assert n_train == len(steps)
     left = sum(e["left_out"] for e in ies[:-1])
     assert n_train == sum(math.ceil((192 - e["left_out"]) / 12) for e in [{"left_out": 0}] + ies[:-1]) and left > 0
+
+
+def test_ies_paper_rule_leaves_examples_out_from_the_third_epoch_and_costs_less_than_sft(tmp_path, mix, monkeypatch):
+    """The mSFT paper's IES (the default): every example's history starts with the base model's loss, measured
+    forward-only, so the rule (the last |second difference| under the threshold) can first leave examples out of the
+    3rd epoch; the run then trains fewer examples than SFT, and costs less, evaluations alike."""
+    states = []
+    spy(monkeypatch, train.Run, "checkpoint", lambda s, a, out: states.append(json.loads(json.dumps(a[0]))))
+    flags = ["--max-epochs", "6", "--interval", "0.5", "--ies-threshold", "0.3"]
+    final = run_train(tmp_path / "ies", mix, "ies", *flags)
+    log = read_log(tmp_path / "ies")
+    check_common(log, final, mix, stages={1})
+    ies = [e for e in log if e["event"] == "ies"]
+    assert [e["epoch"] for e in ies] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    n = sum(len(ids) - 1 for t, rows in baselines_rows(mix).items() for ids, _ in rows)
+    assert ies[0]["forward_tokens"] == n  # the base model's loss of every training example
+    evals_seen = 0
+    for e in log:
+        evals_seen += e["event"] == "eval"
+        if e["event"] == "ies" and e["epoch"] >= 1:
+            state = states[evals_seen - 1]
+            for t, hists in state["losses"].items():
+                assert all(len(h) == min(e["epoch"] + 1, 3) for h in hists)  # the base's, then one an epoch
+                want = [i for i, h in enumerate(hists) if len(h) == 3 and abs(h[2] - 2 * h[1] + h[0]) < 0.3]
+                assert state["left_out"][t] == want
+    assert ies[1]["left_out"] == 0 and sum(e["left_out"] for e in ies) > 0
+    sft = run_train(tmp_path / "sft", mix, "sft", *flags)
+    assert final["flops"]["train"] < sft["flops"]["train"] and final["flops"]["total"] < sft["flops"]["total"]
 
 
 # -----------------------------------------------------------------------------
@@ -373,29 +464,57 @@ def test_lookahead_rewards_at_lr_1e5_are_fp32_ones_under_bf16_autocast(tmp_path,
     assert (bf16 - rewards["fp32"]).abs().max() > 0.5 * rewards["fp32"].abs().max()  # ~100% off
 
 
-def test_dynamix_probabilities_are_the_bandit_update_of_the_logged_rewards(tmp_path, mix, monkeypatch):
+def test_dynamix_probabilities_are_the_bandit_update_of_the_logged_rewards(tmp_path, uneven, monkeypatch):
     weights = []
     spy(monkeypatch, baselines.Sampler, "set_weights", lambda s, a, out: weights.append(a[0]))
-    final = run_train(tmp_path, mix, "dynamix", "--max-epochs", "1", "--dynamix-every", "2")
+    final = run_train(tmp_path, uneven, "dynamix", "--max-epochs", "1", "--dynamix-every", "2")
     log = read_log(tmp_path)
-    check_common(log, final, mix, stages={1})
+    check_common(log, final, uneven, stages={1})
     updates = [e for e in log if e["event"] == "dynamix"]
-    assert [e["step"] for e in updates] == [0, 2, 4, 6, 8, 10, 12, 14]  # 16 steps, a look-ahead every 2
-    tasks = sorted(updates[0]["rewards"])
+    assert [e["step"] for e in updates] == [0, 2, 4, 6, 8]  # 10 steps, a look-ahead every 2
+    sizes = {"code": 48, "first": 24, "key": 36, "sum": 12}
+    tasks = sorted(sizes)
+    p0 = np.array([sizes[t] / 120 for t in tasks])  # the prior: each task's share of the mixture
     q = np.zeros(len(tasks))
     for e in updates:
         r = np.array([e["rewards"][t] for t in tasks])
         q = 0.95 * q + 0.05 * (r - r.min()) / (r.max() - r.min())
-        p = np.exp(4 * q) * 0.25  # p0: the four tasks have 48 rows each
+        p = np.exp(4 * q) * p0
         p = 0.7 * p / p.sum() + 0.3 / 4
         assert [e["q"][t] for t in tasks] == pytest.approx(list(q), abs=1e-12)
         assert [e["weights"][t] for t in tasks] == pytest.approx(list(p), abs=1e-12)
         assert sum(e["weights"].values()) == pytest.approx(1, abs=1e-12)
-        top = max(tasks, key=lambda t: e["q"][t])
-        assert max(tasks, key=lambda t: e["weights"][t]) == top
         assert e["weights"] in weights  # handed to the sampler
-        assert e["lookahead_tokens"] > 0
+        # the default look-ahead (128 a task) takes every row of these small tasks
+        rows = baselines_rows(uneven)
+        assert e["lookahead_tokens"] == sum(len(ids) - 1 for t in tasks for ids, _ in rows[t])
     assert len({tuple(sorted(e["weights"].items())) for e in updates}) > 1  # they move with the rewards
+
+
+def baselines_rows(mix):
+    run = train.Run(train.parse_args(["--out", str(mix / "unused"), *SMALL]), mix / "model", mix)
+    return run.train_enc
+
+
+@pytest.mark.slow
+def test_dynamix_look_ahead_costs_what_the_paper_says_on_its_mixture_shape(tmp_path, demo_data):
+    """The mSFT paper's Appendix F: DynamixSFT's look-ahead cost 94.9% of its training FLOPs on average, over ten
+    tasks of 1,800 examples, batch 64, 10 epochs, a look-ahead every 1% of the steps. The default --dynamix-batch
+    (128 a task) costs that: 101 look-aheads x 10 tasks x 128 examples x 8 N against 18,000 x 10 x 6 N, 0.958."""
+    tasks = [f"t{k}" for k in range(10)]
+    manifest = {"tasks": {t: {"sizes": {"train": 1800, "selection": 1, "test": 1}} for t in tasks}}
+    for t in tasks:
+        for split, n in (("train", 1800), ("selection", 1), ("test", 1)):
+            write_jsonl(tmp_path / "mix" / t / f"{split}.jsonl",
+                        [{"question": f"{t} {i % 10}", "answer": "A", "choices": ["a", "b"]} for i in range(n)])
+    (tmp_path / "mix" / "manifest.json").write_text(json.dumps(manifest))
+    tiny = Transformer(ModelConfig(**{**DEMO_MODEL, "dim": 32, "n_layers": 1, "head_dim": 8, "hidden_dim": 64}))
+    hub.save_pretrained(tiny, tmp_path / "tiny", copy=sorted((demo_data / "model").glob("tokenizer*")))
+    args = train.parse_args(["--method", "dynamix", "--out", str(tmp_path / "run"), "--interval", "1", "--signal",
+                             "loss", "--shots", "0", "--micro-batch", "64", "--lr", "1e-4", "--progress", "0"])
+    f = train.train(args, tmp_path / "tiny", tmp_path / "mix")["flops"]
+    share = f["lookahead"] / (f["train"] - f["lookahead"])
+    assert 0.93 < share < 0.99, share
 
 
 # -----------------------------------------------------------------------------

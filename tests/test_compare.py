@@ -25,42 +25,46 @@ RUNS = {
 # mSFT with a drop: task a peaks at 0.5 in stage 1, is excluded, the model rolls back to 0.5; stage 2 goes on
 MSFT_LOG = [
     {"event": "train", "step": 1, "epoch": 0.5, "loss": 2.0, "lr": 1e-5, "tokens": 10, "tok_per_s": 1.0, "real_frac": 1.0},
-    {"event": "eval", "step": 0, "stage": 1, "epoch": 0.0, "active": ["a", "b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 0, "checkpoint": 0, "stage": 1, "epoch": 0.0, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.2, "b": 0.1}, "avg": 0.15, "snapshots_held": 1},
-    {"event": "eval", "step": 1, "stage": 1, "epoch": 0.5, "active": ["a", "b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 1, "checkpoint": 1, "stage": 1, "epoch": 0.5, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.6, "b": 0.3}, "avg": 0.45, "snapshots_held": 2},
     {"event": "train", "step": 2, "epoch": 1.0, "loss": 1.5, "lr": 1e-5, "tokens": 10, "tok_per_s": 1.0, "real_frac": 1.0},
-    {"event": "eval", "step": 2, "stage": 1, "epoch": 1.0, "active": ["a", "b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 2, "checkpoint": 2, "stage": 1, "epoch": 1.0, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.4, "b": 0.5}, "avg": 0.45, "snapshots_held": 2},
     {"event": "decision", "step": 2, "stage": 1, "kind": "drop", "excluded": ["a"], "rollback_epoch": 0.5},
     {"event": "train", "step": 3, "epoch": 1.5, "loss": 1.2, "lr": 1e-5, "tokens": 5, "tok_per_s": 1.0, "real_frac": 1.0},
-    {"event": "eval", "step": 3, "stage": 2, "epoch": 1.0, "active": ["b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 3, "checkpoint": 3, "stage": 2, "epoch": 1.0, "active": ["b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.55, "b": 0.7}, "avg": 0.625, "snapshots_held": 2},
-    {"event": "eval", "step": 4, "stage": 2, "epoch": 1.5, "active": ["b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 4, "checkpoint": 4, "stage": 2, "epoch": 1.5, "active": ["b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.5, "b": 0.8}, "avg": 0.65, "snapshots_held": 2},
     {"event": "decision", "step": 4, "stage": 2, "kind": "no_drop", "excluded": [], "rollback_epoch": None},
     {"event": "decision", "step": 4, "stage": 2, "kind": "done", "excluded": ["a"], "rollback_epoch": None},
 ]
 SFT_LOG = [
-    {"event": "eval", "step": 0, "stage": 0, "epoch": 0.0, "active": ["a", "b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 0, "checkpoint": 0, "stage": 0, "epoch": 0.0, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.2, "b": 0.1}, "avg": 0.15, "snapshots_held": 1},
     {"event": "train", "step": 1, "epoch": 0.5, "loss": 2.0, "lr": 1e-5, "tokens": 10, "tok_per_s": 1.0, "real_frac": 1.0},
-    {"event": "eval", "step": 1, "stage": 0, "epoch": 0.5, "active": ["a", "b"], "evaluated": ["a", "b"],
+    {"event": "eval", "step": 1, "checkpoint": 1, "stage": 0, "epoch": 0.5, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.6, "b": 0.3}, "avg": 0.45, "snapshots_held": 1},
     {"event": "decision", "step": 1, "stage": 0, "kind": "done", "excluded": [], "rollback_epoch": None},
 ]
 
 
-def write_run(root: Path, name, method, seed, scores, avg, epoch, fl, log, signal="acc", finished=True):
+def write_run(root: Path, name, method, seed, scores, avg, epoch, fl, log, signal="acc", finished=True, best=None):
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "args.json").write_text(json.dumps({"method": method, "seed": seed, "signal": signal}))
-    final = {"event": "final", "best_epoch": epoch, "best_avg": 0.0, "scores": scores, "test_avg": avg,
+    if best is None:  # the last checkpoint evaluated at that epoch
+        best = ([e["checkpoint"] for e in log if e["event"] == "eval" and e["epoch"] == epoch] or [0])[-1]
+    final = {"event": "final", "best_epoch": epoch, "best_checkpoint": best, "best_avg": 0.0, "scores": scores,
+             "test_avg": avg,
              "flops": {"train": fl[0], "eval": fl[1], "total": fl[0] + fl[1], "paper_eval": 2 * fl[1],
                        "paper_total": fl[0] + 2 * fl[1], "test": 50}, "peak_snapshots": 2}
     (folder / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log + [final] * finished))
     if finished:
         summary = {"args": {"seed": seed}, "method": method, "tasks": sorted(scores), "best_epoch": epoch,
+                   "best_checkpoint": best,
                    "test_scores": scores, "test_avg": avg, "flops": final["flops"]}
         (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -112,6 +116,15 @@ def test_report_mode_single_seed_loss_signal_and_unfinished(tmp_path, capsys):
     assert "| msft | 3.000e+02 | 5.000e+01 | 3.500e+02 | 1.000e+02 | 4.000e+02 | 0.50x | 0.50x | 5.000e+01 |" in md
     assert "Unfinished runs, not in the tables: msft-seed21." in md
     assert json.loads((tmp_path / "table.json").read_text())["methods"]["msft"]["seeds"] == [20]
+
+
+def test_the_chosen_checkpoint_is_found_by_its_identity_not_its_epoch(tmp_path):
+    """After the roll-back to 0.5, epoch 1.0 is two checkpoints: 2 (stage 1, a = 0.4) and 3 (stage 2, a = 0.55)."""
+    for best, a in ((2, 0.4), (3, 0.55)):
+        folder = write_run(tmp_path / str(best), "msft", "msft", 20, {"a": 0.5, "b": 0.5}, 0.5, 1.0, (300, 60),
+                           MSFT_LOG, best=best)
+        chosen = compare.chosen_eval(compare.read_run(folder))
+        assert (chosen["checkpoint"], chosen["epoch"], chosen["scores"]["a"]) == (best, 1.0, a)
 
 
 def test_curves_cut_at_the_roll_back_and_mark_the_drop():

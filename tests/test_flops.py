@@ -81,7 +81,7 @@ def test_flop_counter_sums_and_checks():
     c.add("test", 4)  # 2 x 1000 x 4 = 8,000: the final report, never in the total
     c.add("paper_eval", 7)  # 2 x 1000 x 7 = 14,000: the same evaluation as Appendix F counts it
     assert c.report() == {"train": 82_000, "eval": 10_000, "total": 92_000, "test": 8_000, "paper_eval": 14_000,
-                          "paper_total": 96_000, "paper_test": 0}
+                          "paper_total": 96_000, "paper_test": 0, "forward": 6_000, "lookahead": 16_000}
     again = flops.FlopCounter(1000)
     again.load_state_dict(c.state_dict())
     assert again.report() == c.report()
@@ -107,7 +107,8 @@ def test_a_real_msft_run_costs_what_its_log_and_appendix_f_say(tmp_path, mix):
     """A real mSFT run (the real evaluator, the loss signal, no shots): its compute FLOPs are 6 N x the training
     tokens plus 2 N x the tokens each logged evaluation ran; its paper FLOPs are Appendix F's, counted here from the
     log and from the examples' own lengths: every checkpoint evaluates the active tasks' prompts whole with their
-    targets, and each stage's roll-back checkpoint the excluded tasks' once; the test split's report is apart."""
+    targets, and each stage's roll-back checkpoint the tasks excluded in earlier stages once (Appendix F's V(E_k): not
+    the task this stage excludes, whose evaluations it counted as active); the test split's report is apart."""
     import data
     import train
     folder, model = mix
@@ -140,9 +141,9 @@ def check_costs(final, log, n, folder, model):
         if e["event"] == "eval":
             assert e["paper_tokens"] == {t: length["selection"][t] for t in e["evaluated"]}
             paper += sum(length["selection"][t] for t in e["active"] if t in e["evaluated"])
-        elif e in decisions:
-            excluded += e["excluded"]
+        elif e in decisions:  # Appendix F's V(E_k): the tasks excluded before this stage, once, at its roll-back
             paper += sum(length["selection"][t] for t in excluded)
+            excluded += e["excluded"]
     train_tokens = sum(e["tokens"] for e in log if e["event"] == "train")
     f = final["flops"]
     assert f["train"] == 6 * n * train_tokens

@@ -432,6 +432,21 @@ def test_the_final_model_is_reported_beside_the_global_best(tmp_path, odd):
         assert run.evaluate(run.tasks, split="test") == pytest.approx(scores, abs=1e-5)
 
 
+def test_eval_limit_limits_the_selection_not_the_test_report(tmp_path, odd):
+    """--eval-limit N scores checkpoints on the first N selection rows; the report on the test split takes every row,
+    and says how many."""
+    args = train.parse_args(["--method", "sft", "--out", str(tmp_path), *ODD, "--max-epochs", "0.5",
+                             "--eval-limit", "2"])
+    final = train.train(args, odd / "model", odd)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_rows"] == final["test_rows"] == {t: 8 for t in final["scores"]}
+    run = train.Run(train.parse_args(["--out", str(tmp_path / "x"), *ODD]), tmp_path / "model", odd)
+    assert run.evaluate(run.tasks, split="test", final=True) == pytest.approx(final["scores"], abs=1e-6)
+    first_two = train.Run(train.parse_args(["--out", str(tmp_path / "y"), *ODD, "--eval-limit", "2"]),
+                          tmp_path / "model", odd)
+    assert first_two.evaluate(first_two.tasks, split="test") != pytest.approx(final["scores"], abs=1e-6)
+
+
 def test_demos_file_replaces_the_drawn_shots_at_every_evaluation(tmp_path, odd):
     """--demos FILE (the release's hand-picked demonstrations, SPEC 9 exception 3) reaches the run's evaluator: its
     scores are evaluate.evaluate's with those demonstrations, and differ from the drawn shots'. A file missing a task
