@@ -192,10 +192,9 @@ def evaluate(run, state: dict, stage: int, active: list[str]) -> dict:
 
 
 def done(run, state: dict, stage: int, excluded=()) -> dict:
-    """The last decision: the chosen checkpoint, and the FLOPs and token counts so far (before the test split)."""
-    return {"event": "decision", "stage": stage, "kind": "done", "excluded": list(excluded), "rollback_epoch": None,
-            "epoch": state["epoch"], "best_epoch": state["best"]["epoch"], "best_avg": state["best"]["avg"],
-            "flops": {}}
+    """The method's end: the chosen checkpoint, and the FLOPs and token counts so far (before the test split)."""
+    return {"event": "end", "stage": stage, "epoch": state["epoch"], "excluded": list(excluded),
+            "best_epoch": state["best"]["epoch"], "best_avg": state["best"]["avg"], "flops": {}}
 
 
 def advance(run, state: dict, active: list[str], origin: float, end: float):

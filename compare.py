@@ -39,6 +39,9 @@ SET_HERE = ("method", "model", "data", "out", "resume", "search_log")  # train.p
 SUMMARY_KEYS = ("method", "tasks", "test_scores", "test_avg", "best_epoch", "best_checkpoint", "flops")
 FLOPS = ("train", "eval", "total", "paper_eval", "paper_total", "test")  # flops.FlopCounter.report()'s, per run
 EPS = 1e-9
+# train.py flags that change what a score or a FLOP count means: runs in one table must share them (seed aside)
+SAME = ("model", "data", "tasks", "signal", "eval_limit", "eval_batch", "shots", "demos", "max_new_tokens", "select_on",
+        "interval", "max_len", "lr", "batch_size", "loss_group", "precision", "max_epochs", "grad_clip")
 
 
 # -----------------------------------------------------------------------------
@@ -113,6 +116,11 @@ def make_table(runs: dict[str, list[dict]]) -> dict:
                 or r["args"]["signal"] != signal:
             raise SystemExit(f"{r['name']}: tasks {r['summary']['tasks']} and --signal {r['args']['signal']}, but "
                              f"{first['name']} has tasks {tasks} and --signal {signal}: compare runs of one mixture")
+        differ = {k: (first["args"].get(k), r["args"].get(k)) for k in SAME if first["args"].get(k) != r["args"].get(k)}
+        if differ:
+            raise SystemExit(f"{first['name']} and {r['name']} ran with different flags that change scores or FLOPs: "
+                             + ", ".join(f"--{k.replace('_', '-')} {a} and {b}" for k, (a, b) in differ.items())
+                             + ": a table compares runs made alike (put these in separate folders)")
     methods = {}
     for m, rs in done.items():
         s = [r["summary"] for r in rs]

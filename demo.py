@@ -169,10 +169,25 @@ def pin_arithmetic():
     torch.set_num_threads(1)  # a model this small runs fastest on one thread (several spin against each other)
 
 
+def curve_table(evals: list[dict]) -> str:
+    """SFT's selection scores at every whole epoch and at each task's peak (the first of its best), starred."""
+    tasks = sorted(evals[0]["scores"])
+    peak = {t: max(evals, key=lambda e: e["scores"][t])["epoch"] for t in tasks}
+    lines = ["SFT selection scores by epoch (* = the task's peak):",
+             "epoch  " + " ".join(f"{t[:10]:>10}" for t in tasks) + "        avg"]
+    for e in evals:  # whole epochs, and every task's peak wherever it falls
+        if float(e["epoch"]).is_integer() or e is evals[-1] or e["epoch"] in peak.values():
+            cells = [f"{e['scores'][t]:9.3f}{'*' if peak[t] == e['epoch'] else ' '}" for t in tasks]
+            lines.append(f"{e['epoch']:5.2f}  " + " ".join(cells) + f" {e['avg']:10.3f}")
+    return "\n".join(lines + ["peak epoch per task: " + ", ".join(f"{t} {peak[t]:.2f}" for t in tasks)])
+
+
 def main(args, argv: list[str]):
     """The built-in demo: a tiny random model on a synthetic mixture whose tasks learn and overfit at different
     speeds; SFT and mSFT one after the other (or --method's), then their curves, exclusions and final table."""
     root = Path(args.out or "runs/demo")
+    if args.resume and not (root / "data" / "manifest.json").is_file():
+        raise SystemExit(f"--resume: {root} holds neither a run (args.json) nor the demo: nothing to resume")
     pin_arithmetic()
     common.setup(args.device)
     data_dir = root / "data"
@@ -180,7 +195,7 @@ def main(args, argv: list[str]):
         make_demo(data_dir)
         demo_checkpoint(data_dir)
     common.barrier()
-    given = given_flags(argv)
+    given = train.given_flags(argv)
     for k, v in {**DEMO_ARGS, "progress": 0}.items():  # the demo's own settings, where the command line gave none
         if k not in given:
             setattr(args, k, v)
@@ -188,22 +203,16 @@ def main(args, argv: list[str]):
     for method in [args.method] if args.method else ["sft", "msft"]:
         a = argparse.Namespace(**vars(args))
         a.method, a.out = method, str(root / method)
+        if a.resume and (root / method / "summary.json").is_file():  # finished before the kill: its report
+            results[method] = [e for e in data.read_jsonl(root / method / "log.jsonl") if e["event"] == "final"][-1]
+            continue
         if not a.resume and common.rank() == 0:  # the demo starts afresh, but never under a live run
             runfolder.lock(Path(a.out))
             runfolder.clear(Path(a.out))
         common.barrier()
         results[method] = train.train(a, data_dir / "model", data_dir)
     if "sft" in results:  # the heterogeneous overfitting mSFT is for: every task peaks at its own epoch
-        evals = [e for e in data.read_jsonl(root / "sft" / "log.jsonl") if e["event"] == "eval"]
-        print0("\nSFT selection scores by epoch (* = the task's peak):")
-        tasks = sorted(evals[0]["scores"])
-        print0("epoch  " + " ".join(f"{t[:10]:>10}" for t in tasks) + "        avg")
-        peak = {t: max(evals, key=lambda e: e["scores"][t])["epoch"] for t in tasks}
-        for e in evals:
-            if float(e["epoch"]).is_integer() or e is evals[-1]:
-                cells = [f"{e['scores'][t]:9.3f}{'*' if peak[t] == e['epoch'] else ' '}" for t in tasks]
-                print0(f"{e['epoch']:5.2f}  " + " ".join(cells) + f" {e['avg']:10.3f}")
-        print0("peak epoch per task: " + ", ".join(f"{t} {peak[t]:.2f}" for t in tasks))
+        print0("\n" + curve_table([e for e in data.read_jsonl(root / "sft" / "log.jsonl") if e["event"] == "eval"]))
     if "msft" in results:
         for e in data.read_jsonl(root / "msft" / "log.jsonl"):
             if e["event"] == "decision" and e["kind"] == "drop":
@@ -214,11 +223,3 @@ def main(args, argv: list[str]):
         print0(f"| {m} | {r['best_epoch']:.2f} | {r['best_avg']:.4f} | {r['test_avg']:.4f} | {r['flops']['total']:.3e} |")
     common.cleanup()
     return results
-
-
-def given_flags(argv) -> set[str]:
-    """The destinations of the flags the command line names, even where it gives the default value."""
-    p = train.build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))

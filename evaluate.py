@@ -157,11 +157,11 @@ def run_left_padded(model, base: KVCache, rows: list[list[int]], room: int = 0):
 
 @torch.no_grad()
 def greedy_decode(model, tok, eos_id: int, base: KVCache, suffixes: list[list[int]], *, max_new_tokens: int,
-                  batch_size: int, early_stop: bool = True, on_batch=None) -> tuple[list[list[int]], int]:
+                  batch_size: int, early_stop: bool = True, on_step=None) -> tuple[list[list[int]], int]:
     """Greedy continuations of the prefix in base + each suffix, each ending at (and including) EOS, the
     max_new_tokens-th token or, with early_stop, the token that ends the first "####" line. Returns them in input
     order, and the tokens processed (prompts with their padding, generated tokens; not the prefix).
-    on_batch(k) is called after each batch with its k rows."""
+    on_step(finished, generated) is called after every decoding step with the rows it finished and its tokens."""
     tokens = 0
     gens = [[] for _ in suffixes]
     # similar lengths together waste little padding
@@ -182,6 +182,8 @@ def greedy_decode(model, tok, eos_id: int, base: KVCache, suffixes: list[list[in
                         or early_stop and "\n" in tok.decode([t]) and answer_complete(tok.decode(gens[i])))
                 if not done:
                     keep.append(row)
+            if on_step:
+                on_step(len(live) - len(keep), len(live))
             if not keep:
                 break
             if len(keep) < len(live):
@@ -193,8 +195,6 @@ def greedy_decode(model, tok, eos_id: int, base: KVCache, suffixes: list[list[in
                 live, nxt, pos = [live[r] for r in keep], nxt[sel], pos[sel]
             h = model(nxt[:, None], cache=cache, pos=pos[:, None], hidden=True)
             pos = pos + 1
-        if on_batch:
-            on_batch(len(order[start:start + batch_size]))
     return gens, tokens + sum(len(g) for g in gens)
 
 
@@ -228,7 +228,7 @@ def gold_nll(model, base: KVCache, suffixes: list[list[int]], targets: list[list
 def evaluate_task(model, tok, eos_id: int, examples, train, *, shots: int = 5, seed: int = 20, demos=None,
                   prompt_end: str = "release", batch_size: int = 32, max_new_tokens: int = 512,
                   signal: str = "acc", gold_loss: bool = False, rank: int = 0, world: int = 1,
-                  on_batch=None) -> dict:
+                  on_step=None) -> dict:
     """One rank's share of one task (questions rank, rank+world, ...): {"n", "nll", "target_tokens", "tokens",
     "paper_tokens"}, counts to be summed over ranks, and "records", one per question generated (signal "acc")."""
     keys, texts = few_shot_prompts(examples, train, shots, seed, demos)
@@ -258,7 +258,7 @@ def evaluate_task(model, tok, eos_id: int, examples, train, *, shots: int = 5, s
             out["paper_tokens"] += sum(len(p) + len(t) for p, t in zip(trained, targets))
         if signal == "acc":
             gens, tokens = greedy_decode(model, tok, eos_id, base, [p[P:] for p in asked],
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, on_step=on_step)
             out["tokens"] += tokens
             out["paper_tokens"] += sum(len(p) + len(g) for p, g in zip(asked, gens))
             for q, g in zip(qs, gens):
@@ -308,19 +308,19 @@ def evaluate(model, tok, eos_id, mixture, tasks, split="selection", *, shots=5, 
     results = {}
     for task in tasks:
         examples = mixture[task][split][:limit]
-        done, shown, t0 = 0, time.time(), time.time()
+        done, generated, shown, t0 = 0, 0, time.time(), time.time()
 
-        def on_batch(k):  # a progress line every `progress` seconds on long tasks
-            nonlocal done, shown
-            done += k
+        def on_step(finished, tokens):  # a progress line every `progress` seconds, even inside one long batch
+            nonlocal done, generated, shown
+            done, generated = done + finished, generated + tokens
             if time.time() - shown >= progress:
                 shown = time.time()
-                print(f"  {task}: {done}/{len(range(rank, len(examples), world))} questions, {shown - t0:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"  {task}: {done}/{len(range(rank, len(examples), world))} questions answered, {generated} "
+                      f"tokens generated, {shown - t0:.0f} s", file=sys.stderr, flush=True)
         c = evaluate_task(model, tok, eos_id, examples, mixture[task]["train"], shots=shots, seed=seed,
                           demos=None if demos is None else demos[task], prompt_end=prompt_end,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, signal=signal, gold_loss=gold_loss,
-                          rank=rank, world=world, on_batch=on_batch if progress and rank == 0 else None)
+                          rank=rank, world=world, on_step=on_step if progress and rank == 0 else None)
         parts = [c]
         if ddp:  # every rank reaches this for every task, whatever its share
             parts = [None] * world

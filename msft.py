@@ -249,7 +249,7 @@ def close_stage(state: LoopState) -> dict:
     out, i = decide(hist, c["ties"], c["order"])
     target = state.history[-1 if i is None else i]
     event = {"event": "decision", "stage": state.stage, "kind": "drop" if out else "no_drop", "excluded": out,
-             "rollback_epoch": None if i is None else target["epoch"],
+             "epoch": state.history[-1]["epoch"], "rollback_epoch": None if i is None else target["epoch"],
              "peaks": {t: state.history[j]["epoch"] for t, j in sorted(peaks(hist).items())}}
     state.pending = list(state.excluded) if c["eval_excluded"] == "rollback" else []
     state.excluded += out
@@ -310,9 +310,9 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
             events = [scored(state, start, scores)]
         elif not state.active or state.stage > max_stages or state.epoch >= (max_epochs or math.inf) - EPS:
             state.done = True
-            events = [{"event": "decision", "stage": state.stage - 1, "kind": "done", "excluded": list(state.excluded),
-                       "rollback_epoch": None, "epoch": state.epoch, "best_epoch": state.best["epoch"],
-                       "best_avg": state.best["avg"], "snapshots_peak": store.peak_held}]
+            events = [{"event": "end", "stage": state.stage - 1, "epoch": state.epoch, "excluded": list(state.excluded),
+                       "active": list(state.active), "best_epoch": state.best["epoch"], "best_avg": state.best["avg"],
+                       "snapshots_peak": store.peak_held}]
         else:  # one interval of the roll-out; the last one of a stage may be shorter so as not to pass max_epochs
             end = round(min(start["epoch"] + budget, max_epochs or math.inf), 9)
             epoch = round(min(start["epoch"] + len(state.history) * interval, end), 9)

@@ -154,6 +154,7 @@ def open_log(run, keep_lines: int = 0):
     """OUT/log.jsonl opened for appending (rank 0); on resume first cut to the `keep_lines` events the checkpoint
     saw, since what came after it will be done again."""
     path = run.out / "log.jsonl"
+    run.pace = {"printed": time.time(), "last": time.time(), "epoch_s": None, "eval_s": None, "dropped": []}
     if run.rank == 0:
         if keep_lines:
             lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -161,9 +162,12 @@ def open_log(run, keep_lines: int = 0):
                 raise SystemExit(f"--resume: {path} has {len(lines)} lines but the checkpoint in {run.out}/state was "
                                  f"taken after {keep_lines}: the log is not this run's, or was cut")
             common.write_text(path, "".join(lines[:keep_lines]))
+            for e in map(json.loads, lines[:keep_lines]):  # what the console says at the end: every exclusion
+                if e["event"] == "decision" and e["kind"] == "drop" and e["rollback_epoch"] is not None:
+                    run.pace["dropped"] += [f"{t} (stage {e['stage']}, epoch {e['rollback_epoch']:.2f})"
+                                            for t in e["excluded"]]
         run.log_file = open(path, "a")
     run.log_lines = keep_lines
-    run.pace = {"printed": time.time(), "last": time.time(), "epoch_s": None, "eval_s": None}  # console()'s
 
 
 def log(run, event: dict):
@@ -180,12 +184,12 @@ def log(run, event: dict):
 
 
 def console(run, event: dict):
-    """What a person watching sees: each evaluation and decision, and a training line every --progress seconds with
-    the time left to the end of this stage (mSFT, continual SFT) or run, at the pace so far."""
-    a, pace, kind = run.args, run.pace, event["event"]
-    since, pace["last"] = event["time"] - pace["last"], event["time"]  # seconds since the event before
+    """What a person watching sees: each evaluation, decision and the end as they happen, in words, and a training
+    line every --progress seconds with the time left to the end of this stage (mSFT, continual SFT) or run."""
+    a, pace, kind, e = run.args, run.pace, event["event"], event
+    since, pace["last"] = e["time"] - pace["last"], e["time"]  # seconds since the event before
     if kind == "train":
-        rate = event["tokens"] / event["tok_per_s"] * run.sampler.size / event["examples"]  # seconds an epoch
+        rate = e["tokens"] / e["tok_per_s"] * run.sampler.size / e["examples"]  # seconds an epoch
         pace["epoch_s"] = rate if pace["epoch_s"] is None else 0.9 * pace["epoch_s"] + 0.1 * rate
         if a.progress and time.time() - pace["printed"] >= a.progress:
             pace["printed"] = time.time()
@@ -193,17 +197,31 @@ def console(run, event: dict):
             end = min(run.segment[1] + a.budget, a.max_epochs or math.inf) if stage else run.sft_epochs
             left = max(end - run.epoch, 0.0)
             eta = left * pace["epoch_s"] + math.ceil(left / a.interval - 1e-9) * (pace["eval_s"] or 0.0)
-            print0(f"step {run.step:6d} | epoch {run.epoch:7.3f} | loss {event['loss']:.4f} | "
-                   f"{event['tok_per_s']:8.0f} tok/s | {'stage' if stage else 'run'} ends in {eta / 60:5.1f} min")
+            print0(f"step {run.step:6d} | epoch {run.epoch:7.3f} | loss {e['loss']:.4f} | {e['tok_per_s']:8.0f} tok/s "
+                   f"| {'stage' if stage else 'run'} ends in {eta / 60:5.1f} min")
     elif kind == "eval":
         pace["eval_s"] = since
         if a.progress:
-            scores = "  ".join(f"{t} {s:.3f}" for t, s in sorted(event["scores"].items()))
-            print0(f"eval  stage {event.get('stage', '-')} epoch {event['epoch']:.2f} | avg {event['avg']:.4f} | "
-                   f"{scores} | {pace['eval_s']:.0f} s")
+            scores = "  ".join(f"{t} {x:.3f}" for t, x in sorted(e["scores"].items()))
+            print0(f"eval  stage {e['stage']} epoch {e['epoch']:.2f} | avg {e['avg']:.4f} | {scores} | {since:.0f} s")
     elif kind == "decision":
-        print0(f"decision stage {event['stage']}: {event['kind']} {event.get('excluded') or ''} "
-               f"roll back to epoch {event.get('rollback_epoch')}")
+        if e["kind"] == "drop" and e["rollback_epoch"] is not None:  # mSFT's
+            pace["dropped"] += [f"{t} (stage {e['stage']}, epoch {e['rollback_epoch']:.2f})" for t in e["excluded"]]
+            what = (f"{', '.join(e['excluded'])} peaked first, at epoch {e['rollback_epoch']:.2f}: excluded, and the "
+                    "model rolled back there")
+        elif e["kind"] == "drop":  # SRO's
+            what = f"{', '.join(e['excluded'])} reached its searched peak: no longer trained"
+        elif e["kind"] == "no_drop":
+            what = f"every active task still improving at the stage's end (epoch {e['epoch']:.2f}): none excluded"
+        elif e["kind"] == "next_task":
+            what = f"{e['task']} done, rolled back to its best (epoch {e['rollback_epoch']:.2f}); next: {e['next_task']}"
+        else:  # search, weights
+            what = ", ".join(f"{k} {e[k]}" for k in ("peaks", "weights") if e.get(k))
+        print0(f"stage {e['stage']} {e['kind']}: {what}")
+    elif kind == "end":
+        gone = f"; excluded {', '.join(pace['dropped'])}" if pace["dropped"] else ""
+        print0(f"end of {a.method} at epoch {e['epoch']:.2f}{gone}; the chosen checkpoint (best average over all "
+               f"tasks): epoch {e['best_epoch']:.2f}, {e['best_avg']:.4f}")
 
 
 # -----------------------------------------------------------------------------
@@ -287,9 +305,12 @@ def load_state(run):
     open_log(run, s["run"]["log_lines"])
     if run.rank == 0:
         common.write_json(run.out / "args.json", vars(run.args), checked=True)
+    m = s["method"]
+    print0(f"resumed {run.out} from its last checkpoint: epoch {run.epoch:.2f}, step {run.step}"
+           + (f", stage {m['stage']}" if "stage" in m else "") + f" ({s['run']['log_lines']} log events kept)")
     if saved_lr != run.args.lr:
         run.log({"event": "change", "lr": [saved_lr, run.args.lr], "epoch": run.epoch})
-    return s["method"]
+    return m
 
 
 # -----------------------------------------------------------------------------

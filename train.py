@@ -271,7 +271,8 @@ class Run:
         with self.autocast:
             res = evaluate(self.model, self.tok, self.eos, self.mixture, sorted(tasks), split or a.select_on,
                            shots=a.shots, seed=a.seed, demos=self.demos, limit=None if final else a.eval_limit,
-                           batch_size=a.eval_batch, max_new_tokens=a.max_new_tokens, signal=a.signal)
+                           batch_size=a.eval_batch, max_new_tokens=a.max_new_tokens, signal=a.signal,
+                           progress=60 if a.progress else None)
         self.flops.add("test" if final else "eval", sum(r["tokens"] for r in res.values()))
         if final:
             self.flops.add("paper_test", sum(r["paper_tokens"] for r in res.values()))
@@ -336,8 +337,7 @@ def run_sft(run: Run, store: msft.SnapshotStore, state: dict | None) -> tuple[di
         events = [msft.score(run, run.tasks, state, 0, run.tasks)]
         if state["epoch"] >= run.sft_epochs - msft.EPS:
             state["done"] = True
-            events.append({"event": "decision", "stage": 0, "kind": "done", "excluded": [], "rollback_epoch": None,
-                           "epoch": state["epoch"], "best_epoch": state["best"]["epoch"],
+            events.append({"event": "end", "stage": 0, "epoch": state["epoch"], "best_epoch": state["best"]["epoch"],
                            "best_avg": state["best"]["avg"]})
         msft.commit(run, store, state, events)
     return state["best"], state["model_at"]
@@ -380,9 +380,19 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     return runfolder.report(run, store, best, last)  # the chosen and the final model scored on test, and saved
 
 
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags the command line names, even where it gives the default value."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.resume and args.out and (Path(args.out) / "args.json").is_file():  # the folder knows how it was started
+        args = runfolder.resume_args(args, given_flags(argv))
     if args.model is None and args.data is None:  # the built-in demo: its own mixture, model and flags
         import demo
         return demo.main(args, argv)

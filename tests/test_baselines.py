@@ -83,7 +83,7 @@ def check_common(log, final, mix, stages, search_flops=None):
             "paper_eval": 2 * n * sum(sum(e["paper_tokens"].values()) for e in evals)}  # every task, every time
     if search_flops:
         hand = {k: v + search_flops[k] for k, v in hand.items()}
-    done = [e for e in log if e["event"] == "decision" and e["kind"] == "done"]
+    done = [e for e in log if e["event"] == "end"]
     assert len(done) == 1 and log[-1]["event"] == "final"
     for flops in (done[0]["flops"], final["flops"]):
         assert {k: flops[k] for k in hand} == hand
@@ -183,7 +183,7 @@ def test_sro_drops_each_task_at_its_searched_peak(tmp_path, mix, sft_log, monkey
     sft_final = json.loads(sft_log.read_text().splitlines()[-1])
     check_common(log2, final2, mix, stages={1}, search_flops=sft_final["flops"])
     strip = lambda evs: [(e["event"], e.get("epoch"), e.get("scores"), e.get("excluded"))
-                         for e in evs if e["event"] in ("eval", "decision") and e.get("kind") != "done"]
+                         for e in evs if e["event"] in ("eval", "decision")]
     assert strip(log2[1:]) == strip(second)
 
 

@@ -39,7 +39,7 @@ MSFT_LOG = [
     {"event": "eval", "step": 4, "checkpoint": 4, "stage": 2, "epoch": 1.5, "active": ["b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.5, "b": 0.8}, "avg": 0.65, "snapshots_held": 2},
     {"event": "decision", "step": 4, "stage": 2, "kind": "no_drop", "excluded": [], "rollback_epoch": None},
-    {"event": "decision", "step": 4, "stage": 2, "kind": "done", "excluded": ["a"], "rollback_epoch": None},
+    {"event": "end", "step": 4, "stage": 2, "epoch": 1.5, "excluded": ["a"], "best_epoch": 1.5, "best_avg": 0.65},
 ]
 SFT_LOG = [
     {"event": "eval", "step": 0, "checkpoint": 0, "stage": 0, "epoch": 0.0, "active": ["a", "b"], "evaluated": ["a", "b"],
@@ -47,7 +47,7 @@ SFT_LOG = [
     {"event": "train", "step": 1, "epoch": 0.5, "loss": 2.0, "lr": 1e-5, "tokens": 10, "tok_per_s": 1.0, "real_frac": 1.0},
     {"event": "eval", "step": 1, "checkpoint": 1, "stage": 0, "epoch": 0.5, "active": ["a", "b"], "evaluated": ["a", "b"],
      "scores": {"a": 0.6, "b": 0.3}, "avg": 0.45, "snapshots_held": 1},
-    {"event": "decision", "step": 1, "stage": 0, "kind": "done", "excluded": [], "rollback_epoch": None},
+    {"event": "end", "step": 1, "stage": 0, "epoch": 0.5, "best_epoch": 0.5, "best_avg": 0.45},
 ]
 
 
@@ -116,6 +116,18 @@ def test_report_mode_single_seed_loss_signal_and_unfinished(tmp_path, capsys):
     assert "| msft | 3.000e+02 | 5.000e+01 | 3.500e+02 | 1.000e+02 | 4.000e+02 | 0.50x | 0.50x | 5.000e+01 |" in md
     assert "Unfinished runs, not in the tables: msft-seed21." in md
     assert json.loads((tmp_path / "table.json").read_text())["methods"]["msft"]["seeds"] == [20]
+
+
+def test_runs_made_with_flags_that_change_scores_or_flops_are_not_put_side_by_side(tmp_path):
+    """The mSFT run evaluated 16 selection rows a task and the SFT run all of them: their FLOPs ratio would be the
+    flag's, not the methods'."""
+    write_run(tmp_path, "sft", "sft", 20, {"a": 0.5, "b": 0.7}, 0.6, 0.5, (600, 100), SFT_LOG)
+    folder = write_run(tmp_path, "msft", "msft", 20, {"a": 0.9, "b": 0.6}, 0.75, 1.0, (300, 60), MSFT_LOG)
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "eval_limit": 16}))
+    with pytest.raises(SystemExit, match="sft and msft ran with different flags that change scores or FLOPs: "
+                                         "--eval-limit None and 16"):
+        compare.report(tmp_path)
 
 
 def test_the_chosen_checkpoint_is_found_by_its_identity_not_its_epoch(tmp_path):

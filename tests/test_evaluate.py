@@ -33,7 +33,7 @@ import evaluate_cli
 import hub
 import prepare
 from conftest import generate
-from data import Example, encode_prompts, format_prompt, format_target, load_tokenizer, read_jsonl
+from data import Example, encode_prompts, from_plain, format_prompt, format_target, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
 from prepare import convert
 
@@ -637,3 +637,18 @@ def test_real_model_matches_generate_one_by_one(smollm2, shared_data):
     got = ev.evaluate_task(model, tok, eos, asked, train, shots=1, seed=20, prompt_end="consistent", batch_size=4,
                            max_new_tokens=10)
     assert sum(r["correct"] for r in got["records"]) == correct and got["n"] == len(asked)
+
+
+def test_a_long_evaluation_shows_progress_inside_one_batch(demo, capsys):
+    """A single batch can decode for minutes (gsm8k to 512 tokens): the progress line comes from the decoding steps,
+    with the questions answered and the tokens generated so far, not only between batches."""
+    model = Transformer.from_pretrained(demo / "model")
+    tok, eos = load_tokenizer(demo / "model")
+    mixture = {"first": {s: [from_plain(r) for r in read_jsonl(demo / "first" / f"{s}.jsonl")[:12]]
+                         for s in ("train", "selection")}}
+    ev.evaluate(model, tok, eos, mixture, ["first"], shots=0, batch_size=64, max_new_tokens=6, progress=1e-9)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "questions answered" in line]
+    assert len(lines) >= 2  # several within the one batch of 12 questions
+    assert lines[0].startswith("  first: ") and "tokens generated" in lines[0]
+    generated = [int(line.split(", ")[1].split()[0]) for line in lines]
+    assert generated == sorted(generated) and generated[0] == 12  # the first step: one token for each question

@@ -279,7 +279,7 @@ class Hooks:
             self.stage.append((event["epoch"], self.x.clone()))
             self.active = event["active"]
             assert event["snapshots_held"] <= max(len(event["active"]), 1) + 1
-        if event["event"] == "decision" and event["kind"] != "done":
+        if event["event"] == "decision":
             self.excluded += event["excluded"]
             if self.check:  # (a resumed Hooks has not seen the stage's start)
                 back = event["rollback_epoch"]
@@ -327,7 +327,7 @@ def reference_run(tasks, curves, budget, interval, bounds, ties):
 
 def decisions_of(events):
     return [(e["kind"], e["excluded"], e["rollback_epoch"]) for e in events
-            if e["event"] == "decision" and e["kind"] != "done"]
+            if e["event"] == "decision"]
 
 
 @settings(max_examples=150, deadline=None)
@@ -342,10 +342,10 @@ def test_loop_matches_brute_force_and_keeps_its_invariants(sim, ties, eval_exclu
     # the excluded tasks' evaluations never change the model, so both modes make the reference's decisions
     assert decisions_of(hooks.events) == decisions
     assert torch.equal(hooks.x, final)  # the roll-backs restored the right parameters
-    assert state.done and hooks.events[-1]["kind"] == "done"
+    assert state.done and hooks.events[-1]["event"] == "end"
     # each stage after the first starts with one restore (roll-back, or the same parameters: a fresh optimizer)
     assert hooks.calls.get("restore", 0) == len(decisions)
-    excluded = [t for e in hooks.events if e["event"] == "decision" for t in e["excluded"] if e["kind"] != "done"]
+    excluded = [t for e in hooks.events if e["event"] == "decision" for t in e["excluded"]]
     assert len(excluded) == len(set(excluded)) and excluded == state.excluded
     assert sorted(state.active + state.excluded) == tasks
     evals = [e for e in hooks.events if e["event"] == "eval"]
@@ -365,7 +365,7 @@ def test_loop_matches_brute_force_and_keeps_its_invariants(sim, ties, eval_exclu
         assert all(e["evaluated"] == e["active"] for e in evals[1:] if set(e["evaluated"]) & set(e["active"]))
         before = []
         for i, e in enumerate(hooks.events):
-            if e["event"] == "decision" and e["kind"] != "done":
+            if e["event"] == "decision":
                 if before:
                     start = hooks.events[i - 1]["epoch"] if e["rollback_epoch"] is None else e["rollback_epoch"]
                     assert hooks.events[i + 1]["evaluated"] == sorted(before)
@@ -400,8 +400,8 @@ def test_a_run_that_never_overfits_stops_after_max_stages(flags, stages):
     tasks, curves = ["a", "b"], {t: (50.0, 0.0, 1.0, 0.0, 0.01) for t in ("a", "b")}  # rising until 50 epochs
     hooks = Hooks(tasks, curves)
     state = msft.run_msft(tasks, hooks, budget=1.0, interval=0.5, store=msft.SnapshotStore(), **flags)
-    kinds = [e["kind"] for e in hooks.events if e["event"] == "decision"]
-    assert kinds == ["no_drop"] * stages + ["done"]
+    kinds = [e.get("kind", e["event"]) for e in hooks.events if e["event"] in ("decision", "end")]
+    assert kinds == ["no_drop"] * stages + ["end"]
     assert state.epoch == min(stages * 1.0, flags.get("max_epochs", 99)) and state.active == tasks
 
 
@@ -461,8 +461,8 @@ def test_a_kill_at_every_hook_call_resumes_exactly(tmp_path, eval_excluded):
     curves = {"a": (0.5, 0.0, 1.0, 0.0, 0.01), "b": (1.25, 0.3, 1.0, 0.02, 0.01), "c": (50.0, 0.0, 0.1, 0.0, 0.1)}
     flags = dict(budget=1.0, interval=0.25, max_epochs=2.5, ties="all", eval_excluded=eval_excluded)
     whole = run_killed(tasks, curves, flags, tmp_path / "whole", [])
-    kinds = [e["kind"] for e in whole[0].events if e["event"] == "decision"]
-    assert kinds == ["drop", "drop", "no_drop", "no_drop", "done"]
+    kinds = [e.get("kind", e["event"]) for e in whole[0].events if e["event"] in ("decision", "end")]
+    assert kinds == ["drop", "drop", "no_drop", "no_drop", "end"]
     for hook in HOOKS:
         for n in range(1, whole[0].calls[hook] + 1):
             assert_same_run(run_killed(tasks, curves, flags, tmp_path / f"{hook}{n}", [(hook, n)]), whole)

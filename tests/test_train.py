@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def replay_decisions(log):
             if active is None:
                 active = list(e["active"])
             stage_hist.append({t: e["scores"][t] for t in active})
-        elif e["event"] == "decision" and e["kind"] != "done":
+        elif e["event"] == "decision":
             excluded, i = msft.decide(stage_hist)
             out.append((excluded, i))
             start = stage_hist[i] if i is not None else stage_hist[-1]
@@ -67,7 +68,7 @@ def replay_decisions(log):
 def test_msft_decisions_are_msft_decide_on_logged_scores(tmp_path, demo):
     final = run_train(tmp_path / "run", demo, "msft")
     log = read_log(tmp_path / "run")
-    decisions = [e for e in log if e["event"] == "decision" and e["kind"] != "done"]
+    decisions = [e for e in log if e["event"] == "decision"]
     assert decisions, "the run took no decision"
     evals = [e for e in log if e["event"] == "eval"]
     replay = replay_decisions(log)
@@ -268,7 +269,7 @@ def path_epochs(log, sizes):
             out.append((e["epoch"], path, sum(sizes[t] for t in active)))
         elif e["event"] == "train":
             path += e["examples"] / sum(sizes[t] for t in active)
-        elif e["event"] == "decision" and e["kind"] != "done":
+        elif e["event"] == "decision":
             if e["kind"] == "next_task":
                 active = [e["next_task"]]
             elif e["kind"] == "search":  # SRO's second run starts from the base model, all tasks
@@ -419,7 +420,7 @@ def test_the_final_model_is_reported_beside_the_global_best(tmp_path, odd):
                              "--save-final"])
     final = train.train(args, odd / "model", odd)
     log = read_log(tmp_path)
-    decisions = [e for e in log if e["event"] == "decision" and e["kind"] != "done"]
+    decisions = [e for e in log if e["event"] == "decision"]
     assert len(decisions) == 3  # --max-stages
     last = decisions[-1]
     end = last["rollback_epoch"] if last["kind"] == "drop" else [e for e in log if e["event"] == "eval"][-1]["epoch"]
@@ -468,3 +469,71 @@ def test_demos_file_replaces_the_drawn_shots_at_every_evaluation(tmp_path, odd):
     path.write_text(json.dumps({t: demos[t] for t in tasks[1:]}))
     with pytest.raises(ValueError, match=f"{path}: no list of demonstrations for task '{tasks[0]}'"):
         train.Run(train.parse_args(["--out", str(tmp_path / "c"), *ODD, "--demos", str(path)]), odd / "model", odd)
+
+
+# -----------------------------------------------------------------------------
+# the newcomer's path: a run folder knows how it was started; console lines say what happened
+
+class Killed(BaseException):
+    pass
+
+
+def test_resume_needs_only_the_run_folder(tmp_path, odd, monkeypatch, capsys):
+    """`train.py --resume --out RUN` continues RUN from its own args.json, to the uninterrupted run's log; a flag
+    given again that would change the run is refused; a finished folder is refused without a file written."""
+    flags = ["--method", "msft", "--model", str(odd / "model"), "--data", str(odd), *ODD, "--budget", "1",
+             "--max-stages", "2", "--progress", "0"]
+    train.main([*flags, "--out", str(tmp_path / "ref")])
+    real, calls = train.Run.checkpoint, []
+
+    def kill(self, state):
+        calls.append(1)
+        if len(calls) == 6:
+            raise Killed
+        return real(self, state)
+    monkeypatch.setattr(train.Run, "checkpoint", kill)
+    with pytest.raises(Killed):
+        train.main([*flags, "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(train.Run, "checkpoint", real)
+    with pytest.raises(SystemExit, match=r"other arguments than the run .*'batch_size': \(5, 6\)"):
+        train.main(["--resume", "--out", str(tmp_path / "run"), "--batch-size", "6"])
+    capsys.readouterr()
+    train.main(["--resume", "--out", str(tmp_path / "run")])
+    assert "resumed " + str(tmp_path / "run") + " from its last checkpoint: epoch " in capsys.readouterr().out
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("tok_per_s", "time")} for e in log]
+    assert strip(read_log(tmp_path / "run")) == strip(read_log(tmp_path / "ref"))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        train.main(["--resume", "--out", str(tmp_path / "run")])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # no demo written into it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds neither a run .* nor the demo: nothing to resume"):
+        train.main(["--resume", "--out", str(tmp_path / "empty")])
+    assert not [*(tmp_path / "empty").iterdir()]
+
+
+def test_console_lines_say_what_happened(tmp_path, odd, capsys):
+    train.main(["--method", "sft", "--model", str(odd / "model"), "--data", str(odd), *ODD, "--max-epochs", "1",
+                "--progress", "0", "--out", str(tmp_path / "sft")])
+    out = capsys.readouterr().out
+    assert "decision" not in out and "roll back" not in out  # SFT decides nothing
+    assert re.search(r"end of sft at epoch 1.00; the chosen checkpoint \(best average over all tasks\): epoch", out)
+    train.main(["--method", "msft", "--model", str(odd / "model"), "--data", str(odd), *ODD, "--budget", "1",
+                "--max-stages", "3", "--progress", "0", "--out", str(tmp_path / "msft")])
+    out = capsys.readouterr().out
+    drops = [e for e in read_log(tmp_path / "msft") if e["event"] == "decision" and e["kind"] == "drop"]
+    assert drops, "the run should exclude a task for this test to bite"
+    for e in drops:
+        assert f"stage {e['stage']} drop: {e['excluded'][0]} peaked first, at epoch {e['rollback_epoch']:.2f}: " \
+               "excluded, and the model rolled back there" in out
+    when = ", ".join(f"{e['excluded'][0]} (stage {e['stage']}, epoch {e['rollback_epoch']:.2f})" for e in drops)
+    assert f"; excluded {when}; the chosen checkpoint" in out
+
+
+def test_the_demo_table_stars_each_peak_where_it_falls():
+    from demo import curve_table
+    evals = [{"epoch": k / 4, "avg": 0.0, "scores": {"a": -abs(k / 4 - 1.75), "b": k / 4}} for k in range(13)]
+    rows = {line.split()[0]: line for line in curve_table(evals).splitlines()[2:-1]}
+    assert list(rows) == ["0.00", "1.00", "1.75", "2.00", "3.00"]  # a's peak at 1.75 gets its row
+    assert rows["1.75"].split()[1] in ("0.000*", "-0.000*") and rows["3.00"].split()[2] == "3.000*"
+    assert curve_table(evals).endswith("peak epoch per task: a 1.75, b 3.00")
