@@ -26,7 +26,6 @@ import common
 import data
 import msft
 import prepare
-from model import example_losses
 
 EPS = msft.EPS
 ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (SPEC 5)
@@ -50,18 +49,20 @@ def add_flags(p):
     p.add_argument("--dynamix-every", type=number(int, at_least=0), default=0,
                    help="dynamix: re-weight every N steps (0: 1%% of the run's steps)")
     p.add_argument("--dynamix-batch", type=number(int, at_least=1), default=128,
-                   help="dynamix: examples per task in each look-ahead (128: the look-ahead costs what the mSFT paper's "
-                        "Appendix F says, 95%% of training FLOPs on its mixture)")
+                   help="dynamix: examples a task in each look-ahead (128: it costs what the mSFT paper's Appendix F "
+                        "says, 95%% of training FLOPs on its mixture)")
     p.add_argument("--dynamix-beta", type=number(float, at_least=0), default=4.0,
-                   help="dynamix: sharpness of p ~ exp(beta Q): DynamixSFT's paper uses 4 (or 5); the mSFT paper re-tuned "
-                        "it, to a value its text as we have it does not show")
+                   help="dynamix: sharpness of p ~ exp(beta Q): DynamixSFT's paper uses 4 (or 5); the mSFT paper "
+                        "re-tuned it, to a value its text as we have it does not show")
 
 
 def flag_checks(args) -> list[tuple[bool, str]]:
     return [(args.task_order is None or args.method == "continual", "--task-order is for --method continual"),
-            (args.search_log is None or args.method in ("sro", "soft-sro"), "--search-log is for --method sro or soft-sro"),
-            (not (args.fsdp and args.method == "dynamix"), "--fsdp does not support --method dynamix yet (its look-ahead "
-                                                           "deals tasks to ranks): run it without --fsdp")]
+            (args.search_log is None or args.method in ("sro", "soft-sro"),
+             "--search-log is for --method sro or soft-sro"),
+            (not (args.fsdp and args.method == "dynamix"),
+             "--fsdp does not support --method dynamix yet (its look-ahead deals tasks to ranks): "
+             "run it without --fsdp")]
 
 
 def attach(run):
@@ -214,7 +215,8 @@ def run_continual(run, store, state: dict | None) -> tuple[dict, dict]:
     phase's start included); the next task starts there, and the last task's best is the final model. Its epochs
     add up each task's own; `mixture_epoch` weighs each by the task's share of the mixture, comparable with SFT's."""
     a = run.args
-    order = a.task_order or sorted(run.tasks, key=lambda t: (prepare.TASKS.index(t), "") if t in prepare.TASKS else (99, t))
+    paper = prepare.TASKS
+    order = a.task_order or sorted(run.tasks, key=lambda t: (paper.index(t), "") if t in paper else (99, t))
     if sorted(order) != run.tasks:
         raise SystemExit(f"--task-order {' '.join(order)}: expected each of the run's tasks {run.tasks} once")
     share = {t: len(run.train_enc[t]) / sum(len(e) for e in run.train_enc.values()) for t in run.tasks}
@@ -408,7 +410,7 @@ def measure(run, items: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], l
         rows = [run.train_enc[t][i] for t, i in (items[j] for j in part or [0])]
         idx, targets = (x.to(run.device) for x in data.collate(rows, run.eos))
         with run.autocast:
-            losses = example_losses(run.model(idx), targets)  # the module itself: no DDP all-reduce
+            losses = run.model(idx, targets)  # the module itself: no DDP all-reduce
         if part:
             out[list(part)] = losses.double().cpu() / (targets != -100).sum(1).cpu()
             out[-1] += sum(len(ids) - 1 for ids, _ in rows)
@@ -499,13 +501,13 @@ def lookahead(run, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Te
     run.model.float()
     try:
         with torch.autocast(run.device.type, enabled=False):
-            pre = example_losses(run.model(idx), targets)
+            pre = run.model(idx, targets)
             (pre.sum() / n.sum()).backward()  # the batch's loss over its answer tokens
             with torch.no_grad():
                 for p in params:
                     if p.grad is not None:
                         p.sub_(p.grad, alpha=run.args.lr)
-                post = example_losses(run.model(idx), targets)
+                post = run.model(idx, targets)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):  # the weights as they were, in their own dtype

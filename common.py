@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 def setup(device_flag: str | None = None):
     """(ddp, rank, local_rank, world_size, device); the process group is started once, under torchrun."""
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, 0 if k != "WORLD_SIZE" else 1))
+                               for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
@@ -219,6 +220,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action):
         # None is "not given": the help says what that means, so "(default: None)" would only add noise
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def given(parser, argv) -> set[str]:
+    """The destinations of the flags a command line names, even where it gives the default value."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def retired(parser, replacements: dict[str, str]):

@@ -316,7 +316,7 @@ class MixtureSampler:
 
 
 # -----------------------------------------------------------------------------
-# batching: micro-batches of a length-sorted global batch, then padded tensors
+# batching: one step's examples into each rank's forward passes, packed (the default) or padded
 
 def micro_batches(n: int, world: int, micro: int) -> list[list[range]]:
     """The rows 0..n-1 of one global batch (sorted by length) cut into world x k contiguous micro-batches of at most
@@ -339,6 +339,57 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[to
         idx[b, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[b, :len(ids) - 1] = torch.tensor(labels[1:])
     return idx, targets
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices into rows of at most `capacity` tokens: first fit, the longest first (nearly full rows)."""
+    rows, room = [], []
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        r = next((r for r, free in enumerate(room) if lengths[j] <= free), len(rows))
+        if r == len(rows):  # no row has room: a new one
+            rows.append([])
+            room.append(capacity)
+        rows[r].append(j)
+        room[r] -= lengths[j]
+    return rows
+
+
+def collate_packed(encoded, rows: list[list[int]], pad_id: int):
+    """(idx, targets, pos, docs), each (R, L): row r holds the examples encoded[j] for j in rows[r] one after the
+    other, positions restarting at 0 for each, docs[r, t] = j (-1 on padding), so that the model confines each
+    example's attention to itself and sums the loss by example (model.Transformer.forward)."""
+    L = max(sum(len(encoded[j][0]) - 1 for j in row) for row in rows)
+    idx, pos = torch.full((len(rows), L), pad_id), torch.zeros(len(rows), L, dtype=torch.long)
+    targets, docs = torch.full((len(rows), L), -100), torch.full((len(rows), L), -1)
+    for r, row in enumerate(rows):
+        at = 0
+        for j in row:
+            ids, labels = encoded[j]
+            n = len(ids) - 1
+            idx[r, at:at + n], targets[r, at:at + n] = torch.tensor(ids[:-1]), torch.tensor(labels[1:])
+            pos[r, at:at + n], docs[r, at:at + n] = torch.arange(n), j
+            at += n
+    return idx, targets, pos, docs
+
+
+def forward_passes(encoded, rank: int, world: int, micro: int, pad_id: int, packed: bool = True) -> list[tuple]:
+    """This rank's forward passes over one step's examples: [(the examples' indices, tensors)]. Padded (the
+    release's micro-batches): the examples sorted by length, at most `micro` a pass, each padded to its longest:
+    (idx, targets, None, None). Packed: the examples into rows as long as the step's longest, at most `micro` rows a
+    pass: (idx, targets, pos, docs); taken when it runs fewer positions than padded (nearly always at the sizes a
+    GPU wants; a handful of like-length examples pads little anyway), the same choice on every rank. Every rank gets
+    as many passes (micro_batches); one with no example left runs encoded[0] (weigh it 0), as DDP and FSDP need."""
+    lengths = [len(ids) - 1 for ids, _ in encoded]
+    order = sorted(range(len(encoded)), key=lambda j: lengths[j])
+    plan = [[[order[j] for j in part] for part in parts] for parts in micro_batches(len(encoded), world, micro)]
+    if packed:
+        rows = pack(lengths, max(lengths))
+        rows_plan = [[[rows[r] for r in part] for part in parts] for parts in micro_batches(len(rows), world, micro)]
+        size = lambda plan, n: sum(len(p) * max(map(n, p)) for parts in plan for p in parts if p)  # positions run
+        if size(rows_plan, lambda row: sum(lengths[j] for j in row)) < size(plan, lengths.__getitem__):
+            return [([j for row in part for j in row], collate_packed(encoded, part or [[0]], pad_id))
+                    for part in rows_plan[rank]]
+    return [(part, (*collate([encoded[j] for j in part or [0]], pad_id), None, None)) for part in plan[rank]]
 
 
 if __name__ == "__main__":  # python data.py prepare ...: the benchmarks' converters live in prepare.py

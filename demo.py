@@ -195,7 +195,7 @@ def main(args, argv: list[str]):
         make_demo(data_dir)
         demo_checkpoint(data_dir)
     common.barrier()
-    given = train.given_flags(argv)
+    given = common.given(train.build_parser(), argv)
     for k, v in {**DEMO_ARGS, "progress": 0}.items():  # the demo's own settings, where the command line gave none
         if k not in given:
             setattr(args, k, v)
@@ -220,6 +220,7 @@ def main(args, argv: list[str]):
                        f"{e['rollback_epoch']:.2f}")
     print0("\n| method | chosen epoch | selection avg | test avg | FLOPs |\n|---|---|---|---|---|")
     for m, r in results.items():
-        print0(f"| {m} | {r['best_epoch']:.2f} | {r['best_avg']:.4f} | {r['test_avg']:.4f} | {r['flops']['total']:.3e} |")
+        print0(f"| {m} | {r['best_epoch']:.2f} | {r['best_avg']:.4f} | {r['test_avg']:.4f} | "
+               f"{r['flops']['total']:.3e} |")
     common.cleanup()
     return results

@@ -89,10 +89,10 @@ def main(argv=None):
     results, preds = {}, []
     for task in tasks:
         t0 = time.time()
-        r = evaluate.evaluate(model, tok, eos_id, mixture, [task], args.split, shots=args.shots, seed=args.seed, demos=demos,
-                     prompt_end=args.prompt_end, limit=args.limit, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, signal=args.signal, gold_loss=args.gold_loss,
-                     predictions=args.out is not None, progress=args.progress)[task]
+        r = evaluate.evaluate(model, tok, eos_id, mixture, [task], args.split, shots=args.shots, seed=args.seed,
+                              demos=demos, prompt_end=args.prompt_end, limit=args.limit, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, signal=args.signal, gold_loss=args.gold_loss,
+                              predictions=args.out is not None, progress=args.progress)[task]
         r["seconds"] = round(time.time() - t0, 2)
         if r["loss"] is not None and not math.isfinite(r["loss"]):  # not a number to put in the table
             raise ValueError(f"{task}: the gold-target loss is {r['loss']}: {args.model} gives non-finite logits "
@@ -107,8 +107,9 @@ def main(argv=None):
         print(f"{task:<16}{r['n']:>6}{acc:>7}{ci:>15}{unparsed:>10}  {top:<24}{loss:>7}{r['tokens']:>11}"
               f"{r['paper_tokens']:>11}{r['seconds']:>9.1f}", flush=True)
         if args.out:  # after every task, so a long run that stops keeps what it finished
-            common.write_text(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-            common.write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            common.write_json(out / "results.json", {"args": vars(args), "results": results})
+            common.write_text(out / "predictions.jsonl",
+                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
 
 
 if __name__ == "__main__":

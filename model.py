@@ -3,7 +3,7 @@
     from model import Transformer
     model = Transformer.from_pretrained("Qwen/Qwen2.5-0.5B")           # or a local folder in hub layout
     logits = model(idx)                                                 # (B, T, vocab)
-    logits, loss = model(idx, targets)                                  # + mean cross-entropy over targets != -100
+    losses = model(idx, targets)                                        # (B,) each row's summed loss where targets
     h = model(idx, hidden=True)                                         # (B, T, dim): apply model.lm_head where read
     hub.save_pretrained(model, "out/model")                             # loads in transformers unchanged
 
@@ -76,17 +76,16 @@ class ModelConfig:
                 if kind == "default":
                     scaling = None
                 elif kind not in ("linear", "llama3"):
-                    raise ValueError(f"{source}: rope type {kind!r} is not supported; supported: default, linear, llama3")
-            if d.get("hidden_act", "silu") != "silu":
-                raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported; expected 'silu'")
-            if d.get("use_sliding_window"):
-                raise ValueError(f"{source}: use_sliding_window=true is not supported")
-            if d.get("attention_bias") and mt != "qwen2" or d.get("mlp_bias"):
-                raise ValueError(f"{source}: attention_bias/mlp_bias on {mt} is not supported")
-            known = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
-                     "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-                     "architectures", "dtype", "torch_dtype", "transformers_version"}
+                    raise ValueError(f"{source}: rope type {kind!r} is not supported: default, linear, llama3 are")
+            for bad, what in ((d.get("hidden_act", "silu") != "silu", f"hidden_act {d.get('hidden_act')!r}"),
+                              (d.get("use_sliding_window"), "use_sliding_window=true"),
+                              (d.get("attention_bias") and mt != "qwen2" or d.get("mlp_bias"), "a bias on " + mt)):
+                if bad:
+                    raise ValueError(f"{source}: {what} is not supported")
+            known = {"model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "num_key_value_heads", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "dtype",
+                     "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "architectures",
+                     "torch_dtype", "transformers_version"}
             return cls(
                 model_type=mt, vocab_size=positive("vocab_size", d["vocab_size"]), dim=dim,
                 n_layers=positive("num_hidden_layers", d["num_hidden_layers"]), n_heads=n_heads,
@@ -100,6 +99,7 @@ class ModelConfig:
                 extra={k: v for k, v in d.items() if k not in known})
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -266,12 +266,13 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, pos=None, mask=None, hidden=False):
-        """idx (B, T) ids. cache: keys/values go to slots cache.len.. and cache.len advances by T.
-        pos (B, T): rotary positions (default: the slot index). mask (B, T) bool: False marks padding that no
-        token may attend to. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        hidden=True returns the final normed states (B, T, dim) instead: `self.lm_head(h[...]).float()` gives the
-        logits of just the positions a caller reads, without a (B, T, vocab) tensor."""
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pos=None, mask=None, docs=None, hidden=False):
+        """idx (B, T) ids. cache: keys/values go to slots cache.len.. and cache.len advances by T. pos (B, T): rotary
+        positions (default: the slot index). mask (B, T) bool: False marks padding no token may attend to. docs
+        (B, T): the example of each token in rows packed with several (-1: padding); a token then attends only to
+        its own example's earlier tokens (pos restarting at each). Returns logits (B, T, vocab); with targets
+        (-100: none) each row's summed cross-entropy (B,), or with docs each example's (max(docs) + 1,).
+        hidden=True: the final normed states (B, T, dim), for the caller to apply lm_head where it reads."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -290,6 +291,8 @@ class Transformer(nn.Module):
             k_slot = torch.arange(start + T, device=idx.device)[None, :]
             # causal and not padding; a token always sees itself, so padding rows never softmax over nothing
             attn_mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)  # (B, 1, T, S)
+        elif docs is not None:  # block-diagonal and causal: each example sees only itself (a pad only pads)
+            attn_mask = (docs[:, :, None] == docs[:, None, :]).tril()[:, None]  # (B, 1, T, T)
         # the compiled blocks serve fixed-shape passes (training, teacher forcing); decoding with a cache, whose
         # shapes change every step, runs the plain ones (STYLE rule 9)
         blocks = self.compiled if self.compiled is not None and cache is None else self.layers
@@ -300,23 +303,24 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if hidden:
             return x
-        logits = self.lm_head(x).float()
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(x).float()
+        # training's loss: each row's summed cross-entropy over its targets (-100: none), in fp32, and the head's
+        # matmul only where there is a target (the answer tokens): no (B, T, vocab) logits, most of them never read
+        keep = targets != -100  # (B, T)
+        ce = F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction="none")  # (n,)
+        owner = keep.nonzero()[:, 0] if docs is None else docs[keep]  # the row, or the example, of each target
+        return torch.zeros(B if docs is None else int(docs.max()) + 1, device=ce.device).index_add(0, owner, ce)
 
-    def compile_blocks(self):
-        """torch.compile each block, for fixed-shape passes (forward picks them; the modules stay uncompiled, so
-        state_dict keys and decoding are unchanged). Per block, as FSDP shards per block, and one graph serves them all."""
+    def compile_blocks(self):  # per block, as FSDP shards; the modules stay uncompiled, their state_dict keys too
+        """torch.compile'd views of the blocks, for training's passes (forward picks them; decoding does not)."""
         self.compiled = [torch.compile(block) for block in self.layers]
 
     # -------------------------------------------------------------------------
     # hub checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, prepare=None,
-                        fill=None) -> "Transformer":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, prepare=None, fill=None):
         """Load a folder in hub layout (or a hub id, through huggingface_hub) straight into dtype (default fp32)
         on device: built on the meta device, then `prepare(model)` if given (fsdp.py shards it here), then every
         parameter allocated and filled tensor by tensor by `fill(param, tensor)` (default: a copy; fsdp.py takes
@@ -368,13 +372,6 @@ class Transformer(nn.Module):
             raise ValueError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model
-
-def example_losses(logits, targets):
-    """(B,) each row's summed cross-entropy over its answer tokens; logits (B, T, vocab), targets (B, T), -100 off
-    the answer. Computed in fp32 whatever the logits' dtype."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
-    return ce.view(targets.shape).sum(1)
-
 
 def key_map(cfg: ModelConfig) -> dict[str, str]:
     """Every hub tensor name of this config -> our parameter name. The same names serve Qwen, OLMo and Llama;

@@ -140,7 +140,8 @@ class SnapshotStore:
         return self.dir / f"snapshot-{id:06d}.safetensors"
 
     def write_manifest(self):
-        common.write_json(self.dir / "manifest.json", {"peak_held": self.peak_held, "snapshots": self.meta}, checked=True)
+        common.write_json(self.dir / "manifest.json", {"peak_held": self.peak_held, "snapshots": self.meta},
+                          checked=True)
 
     def save(self, id: int, params: dict[str, torch.Tensor], meta: dict):
         if self.dir is None:
@@ -261,8 +262,8 @@ def close_stage(state: LoopState) -> dict:
 
 
 def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: SnapshotStore, max_stages: int = 10,
-             max_epochs: float | None = None, ties: str = "first", order=RELEASE_ORDER, eval_excluded: str = "every",
-             state: LoopState | None = None) -> LoopState:
+             max_epochs: float | None = None, ties: str = "first", order=RELEASE_ORDER,
+             eval_excluded: str = "every", state: LoopState | None = None) -> LoopState:
     """Run mSFT to the end, or continue `state` (the last one passed to hooks.checkpoint) after a kill. It ends when
     no task is left or after max_stages stages (the release: 10), or at max_epochs cumulative epochs if given.
 

@@ -214,7 +214,8 @@ def console(run, event: dict):
         elif e["kind"] == "no_drop":
             what = f"every active task still improving at the stage's end (epoch {e['epoch']:.2f}): none excluded"
         elif e["kind"] == "next_task":
-            what = f"{e['task']} done, rolled back to its best (epoch {e['rollback_epoch']:.2f}); next: {e['next_task']}"
+            what = (f"{e['task']} done, rolled back to its best (epoch {e['rollback_epoch']:.2f}); "
+                    f"next: {e['next_task']}")
         else:  # search, weights
             what = ", ".join(f"{k} {e[k]}" for k in ("peaks", "weights") if e.get(k))
         print0(f"stage {e['stage']} {e['kind']}: {what}")

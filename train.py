@@ -3,7 +3,7 @@
     python train.py                                   # the built-in demo (demo.py): SFT, then mSFT, on a tiny model
     python train.py --method msft --model Qwen/Qwen2.5-0.5B --data mix --out runs/msft
     torchrun --standalone --nproc_per_node=8 train.py --method msft --model Qwen/Qwen2.5-0.5B --data mix --out runs/q
-    python train.py ... --resume                      # continue a killed run from its last completed evaluation
+    python train.py --resume --out runs/msft          # continue a killed run from its last completed evaluation
 
 Read in this order: loss_weights (the loss of one step), Run (the data, the model, one optimizer step, an evaluation,
 a snapshot), run_sft, then run_msft, which hands the run to msft.run_msft (Algorithm 1); train() ties a method to its
@@ -30,7 +30,7 @@ import runfolder
 from common import print0
 from evaluate import evaluate, load_demos
 from hub import resolve_checkpoint
-from model import Transformer, example_losses
+from model import Transformer
 
 METHODS = ("sft", "msft", "continual", "sro", "soft-sro", "ies", "dynamix")
 
@@ -50,26 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>, or runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed evaluation")
     # the algorithm (SPEC sections 3, 9)
-    p.add_argument("--budget", type=number(float, above=0, at_most=1e4), default=3.0,
-                   help="mSFT compute budget C: epochs per roll-out (Table 2: 3)")
-    p.add_argument("--interval", type=number(float, above=0, at_most=1e4), default=0.25,
-                   help="evaluate every this many epochs of the active mixture")
+    p.add_argument("--budget", type=number(float, above=0, at_most=1e4), default=3.0, help="mSFT's C: epochs a stage")
+    p.add_argument("--interval", type=number(float, above=0, at_most=1e4), default=0.25, help="epochs between evals")
     p.add_argument("--max-stages", type=number(int, at_least=1), default=10, help="mSFT stops after this many stages")
     p.add_argument("--max-epochs", type=number(float, above=0, at_most=1e4), default=None,
-                   help="SFT and the baselines train this long (default 10); caps mSFT's cumulative epochs only when given")
+                   help="SFT and the baselines train this long (default 10); caps mSFT's epochs only when given")
     p.add_argument("--ties", choices=("first", "all"), default="first",
                    help="of the tasks peaking first together, exclude the first in the release's order, or all")
-    p.add_argument("--signal", choices=("acc", "loss"), default="acc", help="score: accuracy, or minus the gold-answer loss")
+    p.add_argument("--signal", choices=("acc", "loss"), default="acc", help="score: accuracy, or minus the gold loss")
     p.add_argument("--eval-excluded", choices=("every", "rollback"), default="every",
                    help="evaluate excluded tasks at every checkpoint (the release), or once a stage (Appendix F)")
     p.add_argument("--snapshots", choices=("disk", "memory"), default="disk",
                    help="where roll-back snapshots live (memory: faster, but a killed run cannot resume)")
     # optimisation (the release: Adam lr 1e-5 constant, no warmup, no weight decay, no clipping, batch 64, seed 20)
     p.add_argument("--lr", type=number(float, above=0), default=1e-5, help="learning rate, constant")
-    p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
-                   help="examples per optimizer step, all ranks together (an epoch's last step takes what is left)")
+    p.add_argument("--batch-size", type=number(int, at_least=1), default=64, help="examples a step, all ranks together")
     p.add_argument("--micro-batch", type=number(int, at_least=1), default=8,
-                   help="at most this many examples per forward pass on one rank")
+                   help="a forward pass on one rank takes at most this many rows, each as long as the step's longest "
+                        "example (packed) or this many examples (--padded)")
+    p.add_argument("--padded", action="store_true", help="the release's micro-batches: each pass --micro-batch "
+                   "examples padded to their longest, not the step's examples packed into rows (data.forward_passes)")
     p.add_argument("--loss-group", type=number(int, at_least=0), default=4,
                    help="the step's loss is the mean over groups of this many examples of each group's token-mean "
                         "loss, as the release's micro-batches of 4; 0: the token mean of the step")
@@ -77,18 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "mixed", "bf16"), default="auto",
                    help="fp32: fp32 throughout; mixed: fp32 weights and Adam states, bf16 compute; bf16: pure bf16 "
                         "weights and Adam states, no master copy (the release); auto: mixed on cuda, else fp32")
-    p.add_argument("--max-len", type=number(int, above=8), default=512,
-                   help="longer training examples are dropped and counted")
+    p.add_argument("--max-len", type=number(int, above=8), default=512, help="longer examples are dropped and counted")
     p.add_argument("--seed", type=number(int, at_least=0), default=20, help="seeds the data order and the shots")
     # evaluation
     p.add_argument("--shots", type=number(int, at_least=0), default=5, help="worked examples before each question")
     p.add_argument("--demos", default=None, help="JSON file {task: [{\"question\": ..., \"answer\": ...}, ...]}: these "
                    "demonstrations (the release's hand-picked ones) instead of --shots drawn from the training split")
-    p.add_argument("--eval-limit", type=number(int, at_least=1), default=None,
-                   help="evaluate on the first N selection examples per task (default: all)")
+    p.add_argument("--eval-limit", type=number(int, at_least=1), default=None, help="score checkpoints on the first N "
+                   "selection rows a task (default: all; the test report takes every row)")
     p.add_argument("--eval-batch", type=number(int, at_least=1), default=32, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=number(int, at_least=1), default=512,
-                   help="generation cap of the accuracy signal")
+    p.add_argument("--max-new-tokens", type=number(int, at_least=1), default=512, help="generation cap (--signal acc)")
     p.add_argument("--select-on", choices=("selection", "test"), default="selection",
                    help="split that scores checkpoints; 'test' reproduces the release (selects on the reported data)")
     # output and system
@@ -97,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the model the method ended with in final-model/ (model/ is the global best)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and Adam states over the ranks "
                    "(FSDP2, fsdp.py), for models that do not fit whole on one GPU")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="keep only each block's input and recompute the block in the backward pass")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--device", type=common.device, default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block for training (default: on for cuda)")
@@ -184,8 +181,7 @@ class Run:
         self.segment, self.epoch = [self.tasks, 0.0, 0], 0.0
         self.sft_epochs = msft.SFT_EPOCHS if args.max_epochs is None else args.max_epochs  # SFT's and the baselines'
         # the model: the module is evaluated, snapshotted and saved; `fwd` (DDP's wrapper) is what a step calls
-        cuda = self.device.type == "cuda"
-        self.precision = {"auto": "mixed" if cuda else "fp32"}.get(args.precision, args.precision)
+        self.precision = {"auto": "mixed" if self.device.type == "cuda" else "fp32"}.get(args.precision, args.precision)
         self.autocast = torch.autocast(self.device.type, torch.bfloat16) if self.precision == "mixed" else nullcontext()
         self.holds_snapshots, self.part = self.rank == 0, ""  # rank 0 keeps whole copies (fsdp.py: each its shards)
         self.model = self.load_model(model_dir, torch.bfloat16 if self.precision == "bf16" else torch.float32)
@@ -219,33 +215,32 @@ class Run:
             self.train_step()
 
     def train_step(self):
-        """One optimizer step on the sampler's next global batch, whose loss is sum(weight x summed answer-token
-        loss) over its examples. Each rank takes its micro-batches of the batch sorted by length (similar lengths
-        pad little), so any world size and --micro-batch computes the same loss and gradient."""
+        """One optimizer step on the next global batch: loss = sum of weight x summed answer-token loss over its
+        examples, each rank running its share of the passes (data.forward_passes), the same at any world size."""
         for hook in self.before_step:
             hook()
         batch = self.sampler.next_batch()  # the global batch, in sampling order
         enc = [self.train_enc[t][i] for t, i in batch]
         n_answer = [sum(label != -100 for label in labels[1:]) for _, labels in enc]
-        weight = loss_weights(n_answer, self.args.loss_group)
-        order = sorted(range(len(batch)), key=lambda j: len(enc[j][0]))
-        micro = data.micro_batches(len(batch), self.world, self.args.micro_batch)[self.rank]
+        w = loss_weights(n_answer, self.args.loss_group)
+        weight = torch.tensor(w, device=self.device)
+        passes = data.forward_passes(enc, self.rank, self.world, self.args.micro_batch, self.eos, not self.args.padded)
         t0, sums = time.time(), torch.zeros(len(batch) + 2, dtype=torch.float64)  # per example; real, padded tokens
-        for k, part in enumerate([order[j] for j in part] for part in micro):
-            rows = [enc[j] for j in part] or enc[:1]  # a rank with no example left still joins the collectives
-            idx, targets = (x.to(self.device) for x in data.collate(rows, self.eos))
-            sync = k == len(micro) - 1 or not hasattr(self.fwd, "no_sync")  # DDP all-reduces after the last one
+        for k, (part, tensors) in enumerate(passes):
+            idx, targets, pos, docs = (x if x is None else x.to(self.device) for x in tensors)
+            sync = k == len(passes) - 1 or not hasattr(self.fwd, "no_sync")  # DDP all-reduces after the last one
             with (nullcontext() if sync else self.fwd.no_sync()), self.autocast:
-                losses = example_losses(self.fwd(idx), targets)  # (B,) each row's summed answer-token loss
-                loss = (losses * torch.tensor([weight[j] for j in part] or [0.0], device=self.device)).sum()
+                losses = self.fwd(idx, targets, pos=pos, docs=docs)  # each row's, or each example's, summed loss
+                at = (part or [0]) if docs is None else list(range(len(losses)))  # the examples they are of
+                loss = (losses * weight[at] * bool(part)).sum()  # a rank with no example left still runs (weight 0)
             (loss * self.world).backward()  # DDP and FSDP average over ranks; undo that to get a plain sum
             if part:
-                sums[part] = losses.detach().double().cpu()
-                sums[-2:] += torch.tensor([sum(len(ids) - 1 for ids, _ in rows), idx.numel()])
+                sums[at] += losses.detach().double().cpu()
+                sums[-2:] += torch.tensor([sum(len(enc[j][0]) - 1 for j in part), idx.numel()])
         if dist.is_initialized():  # every rank gets every example's loss
             sums = sums.to(self.device)
             dist.all_reduce(sums)
-        (*ex, real, padded), loss = sums.tolist(), sum(w * x for w, x in zip(weight, sums.tolist()))
+        (*ex, real, padded), loss = sums.tolist(), sum(wj * x for wj, x in zip(w, sums.tolist()))
         if not math.isfinite(loss):
             raise Diverged(f"the loss is {loss} at step {self.step + 1}")
         for hook in self.on_losses:
@@ -304,8 +299,7 @@ class Run:
                     dist.broadcast(v, 0)
         self.new_optimizer()
 
-    def state_dict(self) -> dict:
-        """What the run needs to continue exactly, as plain JSON (runfolder.py saves the model and Adam beside it)."""
+    def state_dict(self) -> dict:  # what the run needs to continue exactly (runfolder.py saves model and Adam beside)
         return {"sampler": self.sampler.state_dict(), "segment": self.segment, "epoch": self.epoch, "step": self.step,
                 "tokens": self.tokens, "flops": self.flops.state_dict(), "log_lines": self.log_lines,
                 "elapsed": time.time() - self.t0}
@@ -346,9 +340,9 @@ def run_sft(run: Run, store: msft.SnapshotStore, state: dict | None) -> tuple[di
 def run_msft(run: Run, store: msft.SnapshotStore, state: dict | None) -> tuple[dict, dict]:
     """mSFT: msft.run_msft drives the run's primitives (Algorithm 1); this only wires them up."""
     a = run.args
+    state = None if state is None else msft.LoopState.from_json(state)
     state = msft.run_msft(run.tasks, run, budget=a.budget, interval=a.interval, max_stages=a.max_stages,
-                          max_epochs=a.max_epochs, store=store, ties=a.ties, order=msft.RELEASE_ORDER,
-                          eval_excluded=a.eval_excluded, state=None if state is None else msft.LoopState.from_json(state))
+                          max_epochs=a.max_epochs, store=store, ties=a.ties, eval_excluded=a.eval_excluded, state=state)
     return state.best, state.history[0]
 
 
@@ -372,7 +366,8 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     state = runfolder.load_state(run) if resume else runfolder.start(run)
     print0(f"{args.method}: {len(run.tasks)} tasks {run.tasks}, {sum(map(len, run.train_enc.values()))} training "
            f"examples (dropped as too long: {sum(run.dropped.values())}), {run.n_params / 1e6:.1f}M parameters, "
-           f"world {run.world}, device {run.device}, precision {run.precision}, compile {run.model.compiled is not None}")
+           f"world {run.world}, device {run.device}, precision {run.precision}, "
+           f"compile {run.model.compiled is not None}")
     try:
         best, last = method(run, store, state)
     except Diverged as e:  # the last committed checkpoint into model/, and how to go on
@@ -380,19 +375,11 @@ def train(args, model_dir: Path, data_dir: Path) -> dict:
     return runfolder.report(run, store, best, last)  # the chosen and the final model scored on test, and saved
 
 
-def given_flags(argv) -> set[str]:
-    """The destinations of the flags the command line names, even where it gives the default value."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.resume and args.out and (Path(args.out) / "args.json").is_file():  # the folder knows how it was started
-        args = runfolder.resume_args(args, given_flags(argv))
+        args = runfolder.resume_args(args, common.given(build_parser(), argv))
     if args.model is None and args.data is None:  # the built-in demo: its own mixture, model and flags
         import demo
         return demo.main(args, argv)

@@ -12,7 +12,8 @@ What a rank holds while it trains (bytes; N parameters, W ranks, S = W under FSD
 - activations of one micro-batch (--micro-batch rows of 512 tokens, T tokens): per block the tensors our code keeps
   for the backward pass (block_activation_bytes, read off model.py and checked byte for byte against autograd's
   saved tensors by tests/test_memory.py), plus the head's logits (10 bytes a token and vocabulary entry at the peak: bf16 logits,
-  their fp32 copy and log-softmax); with --activation-checkpointing each block keeps only its input, and one block
+  their fp32 copy and log-softmax) as if every token were an answer token (the worst case: training runs the head
+  only where there is a target, for the multiple-choice tasks a few tokens a row); with --activation-checkpointing each block keeps only its input, and one block
   is recomputed at a time.
 Roll-back snapshots live in host memory, not on the GPU: one snapshot is 4 N / S bytes (fp32) or 2 N / S (bf16) per
 rank (DDP: rank 0 holds them whole); at most active tasks + 1 are held, the column shows the worst case of 11.
@@ -120,7 +121,7 @@ def measure(micro_batch: int, steps: int = 3) -> list[dict]:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from fsdp import FSDPRun, shard
-    from model import Transformer, example_losses, rope_inv_freq
+    from model import Transformer, rope_inv_freq
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29512"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
@@ -150,7 +151,7 @@ def measure(micro_batch: int, steps: int = 3) -> list[dict]:
             t0 = time.time()
             for _ in range(steps):
                 with autocast:
-                    loss = example_losses(model(idx[:, :-1]), idx[:, 1:]).sum() / idx[:, 1:].numel()
+                    loss = model(idx[:, :-1], idx[:, 1:]).sum() / idx[:, 1:].numel()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

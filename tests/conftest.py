@@ -63,21 +63,33 @@ def one_thread():
 
 
 @pytest.fixture
-def refused(monkeypatch):
-    """refused("data.py", *args) runs the command as a user does (its `__main__`, with these arguments: in this
-    process, which skips a second interpreter's start and torch import), checks that it was refused at the door
-    (exit status 2, no traceback, one line on stderr: after argparse's usage, for a flag) and returns that line."""
+def command(monkeypatch):
+    """command("data.py", *args) -> (exit status, stdout, stderr): the command as a user runs it (its `__main__`, with
+    these arguments), in this process, which skips a second interpreter's start and torch import."""
     def run(script, *args):
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
-            runpy.run_path(str(REPO / script), run_name="__main__")  # anything but SystemExit fails the test
-        assert exit.value.code == 2, err.getvalue()
-        lines = err.getvalue().strip().splitlines()
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")  # anything but SystemExit fails the test
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        return code, out.getvalue(), err.getvalue()
+    return run
+
+
+@pytest.fixture
+def refused(command):
+    """refused("data.py", *args) runs the command as a user does (command), checks that it was refused at the door
+    (exit status 2, no traceback, one line on stderr: after argparse's usage, for a flag) and returns that line."""
+    def run(script, *args):
+        code, _, err = command(script, *args)
+        assert code == 2, err
+        lines = err.strip().splitlines()
         if lines[0].startswith("usage:"):  # argparse's usage, its continuation lines indented, then the error
-            assert all(line.startswith(" ") for line in lines[1:-1]), err.getvalue()
+            assert all(line.startswith(" ") for line in lines[1:-1]), err
             lines = lines[-1:]
-        assert len(lines) == 1 and "error: " in lines[0], err.getvalue()
+        assert len(lines) == 1 and "error: " in lines[0], err
         return lines[0]
     return run
 

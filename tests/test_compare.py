@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import compare
-import data
 from demo import DEMO_ARGS
 
 # two tasks; each run: (test scores, test avg, chosen epoch, flops train, eval)

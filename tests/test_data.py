@@ -321,3 +321,25 @@ def test_real_mixture_tokenizes_fast_and_pads_little(mixture, smollm2):
             padded += idx.numel()
     print(f"real-token fraction over one epoch: {real / padded:.3f}, dropped over 512 tokens: {dropped}")
     assert real / padded > 0.8  # measured 0.842: the long boolq passages and gsm8k rationales pad their neighbours
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=40))
+def test_pack_places_every_example_once_within_its_rows_length(lengths):
+    capacity = max(lengths)
+    rows = data.pack(lengths, capacity)
+    assert sorted(j for row in rows for j in row) == list(range(len(lengths)))
+    assert all(sum(lengths[j] for j in row) <= capacity for row in rows)
+    # first fit, longest first: every row but one is more than half full
+    assert sum(sum(lengths[j] for j in row) <= capacity / 2 for row in rows) <= 1
+
+
+def test_collate_packed_lays_each_example_out_whole_with_its_own_positions():
+    encoded = [([5, 6, 7, 8], [-100, -100, 7, 8]), ([9, 10], [-100, 10]), ([11, 12, 13], [-100, 12, 13])]
+    idx, targets, pos, docs = data.collate_packed(encoded, [[0], [2, 1]], pad_id=0)
+    assert idx.tolist() == [[5, 6, 7], [11, 12, 9]]
+    assert targets.tolist() == [[-100, 7, 8], [12, 13, 10]]
+    assert pos.tolist() == [[0, 1, 2], [0, 1, 0]] and docs.tolist() == [[0, 0, 0], [2, 2, 1]]
+    idx, targets, pos, docs = data.collate_packed(encoded, [[0], [1]], pad_id=0)
+    assert idx.tolist() == [[5, 6, 7], [9, 0, 0]] and docs.tolist() == [[0, 0, 0], [1, -1, -1]]
+    assert targets.tolist() == [[-100, 7, 8], [10, -100, -100]]

@@ -358,10 +358,9 @@ def test_gold_loss_equals_teacher_forced_forward(tiny, chartok):
     asked, ids, P = prompts_of(tok, 7, seed=5)
     targets = [tok.encode(format_target(ex), add_special_tokens=False).ids + [eos] for ex in asked]
     want = []
-    with torch.no_grad():  # the full-logits path: (1, T, vocab) and model's own masked cross-entropy
+    with torch.no_grad():  # one unpadded row at a time through the model's own training loss
         for i, t in zip(ids, targets):
-            _, loss = tiny(torch.tensor([i + t]), torch.tensor([[-100] * (len(i) - 1) + t + [-100]]))
-            want.append(loss.item() * len(t))
+            want.append(tiny(torch.tensor([i + t]), torch.tensor([[-100] * (len(i) - 1) + t + [-100]])).item())
     base = ev.prefix_cache(tiny, ids[0][:P], max(len(i) + len(t) for i, t in zip(ids, targets)))
     for batch_size in (1, 3, 16):
         nll, _ = ev.gold_nll(tiny, base, [i[P:] for i in ids], targets, batch_size=batch_size)
@@ -388,8 +387,8 @@ def test_rank_split_sums_to_one_rank_and_loss_is_direct(tiny, chartok):
     with torch.no_grad():
         for ex, text in zip(asked, texts):
             p, t = tok.encode(text).ids, tok.encode(format_target(ex)).ids + [eos]
-            _, loss = tiny(torch.tensor([p + t]), torch.tensor([[-100] * (len(p) - 1) + t + [-100]]))
-            nll, count = nll + loss.item() * len(t), count + len(t)
+            loss = tiny(torch.tensor([p + t]), torch.tensor([[-100] * (len(p) - 1) + t + [-100]]))
+            nll, count = nll + loss.item(), count + len(t)
             g = tok.encode(text + " ").ids
             paper += len(p) + len(t) + len(g) + len(reference_greedy(tiny, g, eos, tok, True, 6))
     assert one["n"] == len(asked) and one["target_tokens"] == count and one["paper_tokens"] == paper

@@ -13,7 +13,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import cut_mixture
 import flops
-import msft
 from model import ModelConfig, Transformer
 
 # vocab 100, hidden 16, 2 layers, 4 query heads and 2 kv heads of 4 dims, MLP 40 wide, untied
@@ -109,7 +108,6 @@ def test_a_real_msft_run_costs_what_its_log_and_appendix_f_say(tmp_path, mix):
     log and from the examples' own lengths: every checkpoint evaluates the active tasks' prompts whole with their
     targets, and each stage's roll-back checkpoint the tasks excluded in earlier stages once (Appendix F's V(E_k): not
     the task this stage excludes, whose evaluations it counted as active); the test split's report is apart."""
-    import data
     import train
     folder, model = mix
     n = sum(p.numel() for p in Transformer.from_pretrained(model).parameters())

@@ -5,7 +5,6 @@ wrong-typed size, a safetensors file cut short or with a garbage header: each na
 SmolLM2 checkpoint."""
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -63,17 +62,24 @@ def test_logits_match_transformers(pair):
     assert (got - ref).abs().max().item() < 1e-4
 
 
-def test_loss_is_mean_over_unmasked_targets(pair):
+def test_the_loss_is_each_rows_sum_over_its_targets_only(pair):
+    """model(idx, targets): each row's summed cross-entropy where targets != -100, the head run only there, equal
+    to the full logits' log-softmax read at those positions; a row with no target loses 0, and the gradient is the
+    full computation's."""
     _, ours, _ = pair
-    idx = torch.randint(0, 97, (2, 12))
+    idx = torch.randint(0, 97, (3, 12))
     targets = idx.roll(-1, 1).clone()
     targets[:, :5] = -100
-    with torch.no_grad():
-        logits, loss = ours(idx, targets)
-    logp = logits.log_softmax(-1)
+    targets[2] = -100  # a row with nothing to learn (a rank's empty stand-in)
+    losses = ours(idx, targets)
+    logp = ours(idx).log_softmax(-1)
     keep = targets != -100
-    expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
-    assert torch.allclose(loss, expected, atol=1e-6)
+    expected = [-logp[b][keep[b]].gather(-1, targets[b][keep[b]][:, None]).sum() for b in range(3)]
+    torch.testing.assert_close(losses, torch.stack(expected), rtol=0, atol=1e-5)
+    assert losses[2].item() == 0
+    (g1,) = torch.autograd.grad(losses.sum(), ours.norm.weight)
+    (g2,) = torch.autograd.grad(torch.stack(expected).sum(), ours.norm.weight)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
 def test_incremental_decoding_equals_full_forward(pair):

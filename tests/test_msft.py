@@ -455,6 +455,7 @@ def assert_same_run(a, b):
 HOOKS = ["train", "evaluate", "snapshot", "restore", "log", "checkpoint"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_excluded", ["every", "rollback"])
 def test_a_kill_at_every_hook_call_resumes_exactly(tmp_path, eval_excluded):
     tasks = ["a", "b", "c"]
@@ -468,6 +469,7 @@ def test_a_kill_at_every_hook_call_resumes_exactly(tmp_path, eval_excluded):
             assert_same_run(run_killed(tasks, curves, flags, tmp_path / f"{hook}{n}", [(hook, n)]), whole)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(sims(), st.sampled_from(["all", "first"]), st.sampled_from(["every", "rollback"]),
        st.lists(st.tuples(st.sampled_from(HOOKS), st.floats(0, 1, exclude_max=True)), min_size=1, max_size=3))

@@ -197,12 +197,12 @@ def test_cli_on_a_users_own_task(tmp_path):
     assert json.loads((tmp_path / "out/manifest.json").read_text())["tasks"]["parity"]["schema"] == "plain"
 
 
-def test_help_lists_the_tasks_with_their_hub_ids_and_the_defaults():
+def test_help_lists_the_tasks_with_their_hub_ids_and_the_defaults(command):
     for args in (["--help"], ["prepare", "--help"]):
-        run = subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        assert all(task in run.stdout and hub_id in run.stdout for task, (hub_id, _) in prepare.HUB.items())
-    assert "(default: 1800)" in run.stdout and "(default: 20)" in run.stdout
+        code, out, err = command("data.py", *args)
+        assert code == 0, err
+        assert all(task in out and hub_id in out for task, (hub_id, _) in prepare.HUB.items())
+    assert "(default: 1800)" in out and "(default: 20)" in out
 
 
 @pytest.mark.parametrize("flag, value, msg", [

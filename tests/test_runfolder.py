@@ -11,12 +11,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import common
 import hub
 import msft
-import prepare
 import runfolder
 import train
 from conftest import cut_mixture, write_jsonl
@@ -135,12 +134,14 @@ def killed(tmp_path, mix, monkeypatch):
     (lambda out: (out / "args.json").write_text((out / "args.json").read_text().replace('"lr": 0.003', '"lr": 1')),
      "args.json: damaged"),
 ])
+@pytest.mark.slow
 def test_damaged_resume_state_is_refused_naming_the_file(killed, mix, damage, message):
     damage(killed)
     with pytest.raises((ValueError, SystemExit), match=message):
         run(killed, mix, "msft", "--resume")
 
 
+@pytest.mark.slow
 def test_the_fingerprint_sees_one_changed_byte_in_the_middle_of_the_checkpoint(killed, mix, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(mix / "model", model)
@@ -154,6 +155,7 @@ def test_the_fingerprint_sees_one_changed_byte_in_the_middle_of_the_checkpoint(k
         train.train(args, model, mix)
 
 
+@pytest.mark.slow
 def test_an_fsdp_state_resumed_without_torchrun_says_how(killed, mix):
     s = common.read_json(killed / "state" / "state.json", checked=True)
     common.write_json(killed / "state" / "state.json", {**s, "fsdp": True, "world": 2}, checked=True)
@@ -184,6 +186,7 @@ def test_a_kill_in_the_report_resumes_to_the_uninterrupted_run(tmp_path, mix, mo
         assert again["flops"] == final["flops"] and again["scores"] == final["scores"]
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_export_or_the_cleanup_leaves_nothing_to_trip_on(tmp_path, mix, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as m:  # killed while copying the tokenizer into the new model/
