@@ -1,4 +1,4 @@
-"""The baselines mSFT is compared with (SPEC section 5), each one function over train.py's Run, with their flags.
+"""The baselines mSFT is compared with (docs/baselines.md), each one function over train.py's Run, with their flags.
 
     python train.py --method continual --model DIR --data MIXTURE --out runs/continual
     python train.py --method sro --model DIR --data MIXTURE --out runs/sro --search-log runs/sft/log.jsonl
@@ -28,13 +28,13 @@ import msft
 import prepare
 
 EPS = msft.EPS
-ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (SPEC 5)
+ALPHA, GAMMA = 0.95, 0.3  # DynamixSFT: smoothing of Q, and the share of uniform exploration in p (docs/baselines.md)
 
 
 def add_flags(p):
     number = common.number
     p.add_argument("--task-order", nargs="+", default=None,
-                   help="continual: train the tasks in this order (default: the paper's listing order, SPEC 7)")
+                   help="continual: train the tasks in this order (default: the paper's listing order)")
     p.add_argument("--search-log", default=None,
                    help="sro, soft-sro: log.jsonl of a finished SFT run (same model, tasks, --interval) as the search "
                         "phase; its FLOPs are counted (default: run the search first, --max-epochs long)")

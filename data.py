@@ -1,11 +1,11 @@
 """The data side of training: the row schema, the training text, mixture folders, tokenization, the mixture
 sampler and batching. (The ten benchmarks' converters and `prepare` are in prepare.py; the demo's mixture in demo.py.)
 
-    python data.py prepare --source ../shared/data --out mix     # a mixture folder: OUT/<task>/{train,selection,test}
+    python data.py prepare --source DIR --out mix     # a mixture folder from DIR/<task>/<split>.jsonl (or --source hub)
     mixture = data.load_mixture("mix")                           # task -> split -> [Example]
 
 A row (a mixture folder's, or a user's own task's): {"question", "answer", "choices"?, "rationale"?}. Training text
-(the release's, SPEC section 9): `Q: {question}\nA: #### {answer}<eos>`, or for a worked answer
+(the authors' release's, docs/protocol.md): `Q: {question}\nA: #### {answer}<eos>`, or for a worked answer
 `Q: {question}\nA: {rationale}<eos>` where the rationale ends `#### {answer}`; the prompt is everything up to "A:",
 the loss is on the rest (from the " ####" or rationale's first token) and EOS. A question with choices reads
 `{question}\noptions: A. x, B. y, ...`. Over-long examples (prompt + target + EOS > max_len tokens) are dropped

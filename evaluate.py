@@ -1,7 +1,7 @@
-"""Few-shot greedy evaluation as the authors' release does it (SPEC section 9): per-task accuracy, batched, with a
+"""Few-shot greedy evaluation as the authors' release does it (docs/protocol.md): per-task accuracy, batched, with a
 shared-prefix KV cache; optionally the gold-target loss.
 
-    python data.py prepare --source ../shared/data --out mix        # once: a mixture folder
+    python data.py prepare --source hub --out mix                   # once: a mixture folder
     python evaluate.py --model CHECKPOINT --data mix --split test --limit 100 --out runs/eval-base  # evaluate_cli.py
     results = evaluate.evaluate(model, tok, eos_id, mixture, ["gsm8k"], "test", shots=5)          # as train.py does
 

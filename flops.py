@@ -1,4 +1,4 @@
-"""FLOPs of a fine-tuning run (SPEC section 6, the paper's Appendix F), counted from the tokens actually processed.
+"""FLOPs of a fine-tuning run (the paper's Appendix F; docs/baselines.md), counted from the tokens actually processed.
 
     python -m pytest -q tests/test_flops.py         # hand counts; train.py reports counter.report() in summary.json
 

@@ -1,4 +1,4 @@
-"""mSFT's algorithm core (SPEC sections 3 and 4): the exclusion decision, the roll-back snapshot store, the stage loop.
+"""mSFT's algorithm core (the paper's Algorithms 1 and 4; docs/protocol.md): the exclusion decision, the roll-back snapshot store, the stage loop.
 
     python train.py --method msft --model DIR --data MIXTURE --out runs/msft   # drives run_msft with a real model
     python -m pytest -q tests/test_msft.py                                     # drives it with a simulated one
@@ -81,7 +81,7 @@ def decide(history: list[dict[str, float]], ties: str = "first", order=RELEASE_O
 
 
 def needed(history: list[dict], active: list[str], best_id: int) -> set[int]:
-    """Ids of the snapshots that must live now (SPEC 4): each active task's current peak in this stage, plus the
+    """Ids of the snapshots that must live now (Algorithm 4): each active task's current peak in this stage, plus the
     global best. Right after a decision the history is just the roll-back target, so that and the best remain."""
     peak = peaks([{t: h["scores"][t] for t in active} for h in history])
     # with no active task left, the stage start is the final model, kept until the loop has restored it
@@ -168,7 +168,7 @@ class SnapshotStore:
             self.path(id).unlink()
 
     def keep(self, wanted: set[int], newest: int, take):
-        """Hold exactly the snapshots `wanted` (SPEC 4): the others dropped first, so never more than wanted is held,
+        """Hold exactly the snapshots `wanted` (Algorithm 4): the others dropped first, so never more than wanted is held,
         even for a moment; then the missing ones saved, which can only be `newest`, the checkpoint the model holds
         now (a kill came between the checkpoint of the state that wants it and this call): take(id) -> (params,
         meta). Every method's store goes through here: msft.run_msft's, SFT's and the baselines' (commit)."""
@@ -235,7 +235,7 @@ def scored(state: LoopState, ckpt: dict, scores: dict) -> dict:
 
 
 def sync_store(hooks, store: SnapshotStore, state: LoopState):
-    """The store holds exactly what the state needs (SPEC 4); the one missing can only be the newest checkpoint."""
+    """The store holds exactly what the state needs (Algorithm 4); the one missing can only be the newest checkpoint."""
     def take(i):
         ckpt = {h["id"]: h for h in state.history}.get(i, state.best)
         return hooks.snapshot(), {"epoch": ckpt["epoch"], "stage": ckpt["stage"], "scores": ckpt["scores"]}
@@ -272,7 +272,7 @@ def run_msft(tasks: list[str], hooks, *, budget: float, interval: float, store: 
     its optimizer), log(event), checkpoint(state) (called after every evaluation, decision and the end: persist it
     with the model, optimizer, sampler and log length; the model then is the one of checkpoint state.model_at).
     Every stage after the first begins with restore(its start): the roll-back target, or after no drop the
-    parameters the model already has, so that each stage starts with a fresh optimizer (SPEC 3). On return the
+    parameters the model already has, so that each stage starts with a fresh optimizer (Algorithm 1). On return the
     caller's model is the final model (state.history[0]) and store.load(state.best["id"]) gives the global best.
     eval_excluded="every" evaluates every task at every checkpoint (exact global best); "rollback" evaluates the
     tasks excluded in earlier stages once per stage, at the checkpoint the next stage starts from (Appendix F),

@@ -1,9 +1,9 @@
-"""The ten benchmarks of the paper (SPEC section 7) into mixture folders: one small converter per benchmark, the
+"""The ten benchmarks of the paper (docs/protocol.md) into mixture folders: one small converter per benchmark, the
 split policy, and the command that writes a folder. Training reads the folder with data.load_mixture, never this.
 
 Make a mixture folder (OUT/manifest.json and OUT/<task>/{train,selection,test}.jsonl):
 
-    python data.py prepare --source ../shared/data --out mixture          # local DIR/<task>/<split>.jsonl, hub schema
+    python data.py prepare --source DIR --out mixture                     # local DIR/<task>/<split>.jsonl, hub schema
     python data.py prepare --source hub --out mixture --tasks gsm8k sciq  # from the hub (needs `pip install datasets`)
 
 OUT is replaced whole or not at all: written beside it under a temporary name, then renamed into place, so a failed
@@ -37,7 +37,7 @@ from data import LETTERS, SPLITS, Example, examples_from, from_plain, read_jsonl
 
 TASKS = ("commonsense_qa", "openbookqa", "aqua_rat", "gsm8k", "sciq",
          "arc_easy", "hellaswag", "winogrande", "boolq", "medmcqa")
-HUB = {  # task -> (hub id, config), SPEC section 7
+HUB = {  # task -> (hub id, config)
     "commonsense_qa": ("tau/commonsense_qa", None),
     "openbookqa": ("allenai/openbookqa", "main"),
     "aqua_rat": ("deepmind/aqua_rat", "raw"),
@@ -133,7 +133,7 @@ assert set(CONVERTERS) == set(TASKS)
 
 
 def convert(task: str, row: dict) -> Example:
-    """A hub row of one of the ten benchmarks (SPEC section 7) -> Example."""
+    """A hub row of one of the ten benchmarks (docs/protocol.md) -> Example."""
     if task not in CONVERTERS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     return CONVERTERS[task](row)

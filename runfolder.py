@@ -342,7 +342,7 @@ def diverged(run, error):
 
 
 def report(run, store, best: dict, last: dict) -> dict:
-    """The report (SPEC 3): the global best and the final model, each scored on the test split; the best saved in
+    """The report (docs/protocol.md): the global best and the final model, each scored on the test split; the best saved in
     model/ (and the final one in final-model/ with --save-final), summary.json written last: from then on the run
     is finished, and its resume state and snapshots go (unless --keep-state)."""
     a = run.args

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks of the mixture only (default: all)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>, or runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed evaluation")
-    # the algorithm (SPEC sections 3, 9)
+    # the algorithm (docs/protocol.md)
     p.add_argument("--budget", type=number(float, above=0, at_most=1e4), default=3.0, help="mSFT's C: epochs a stage")
     p.add_argument("--interval", type=number(float, above=0, at_most=1e4), default=0.25, help="epochs between evals")
     p.add_argument("--max-stages", type=number(int, at_least=1), default=10, help="mSFT stops after this many stages")

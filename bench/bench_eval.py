@@ -5,7 +5,7 @@
     python bench/bench_eval.py --device cuda --dtype bfloat16 --json obqa.json                 # on a GPU
     python bench/bench_eval.py --device cuda --dtype bfloat16 --task gsm8k --n 100 --max-new-tokens 512
 
-The real 5-shot workload of one task: questions from DATA/<task>/test.jsonl (hub schema, e.g. ../shared/data),
+The real 5-shot workload of one task: questions from DATA/<task>/test.jsonl (the hub's schema),
 shots from its train.jsonl, prompts built and tokenized by evaluate.py. Ours: the shared 5-shot prefix computed once,
 questions sorted by length, left-padded batches, finished rows dropped. transformers: model.generate, greedy, the
 same token ids in the same sorted, left-padded batches with an attention mask, EOS and a stopping criterion that
@@ -17,6 +17,7 @@ wall time and generated tokens per second of both, and the ratio.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,9 +113,10 @@ def accuracy(gens, asked, tok) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(Path.home() / ".cache/msft-real/smollm2-135m-instruct"),
-                        help="checkpoint folder in hub layout (default: ../shared/tools/get-smollm2.sh's folder)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="DIR/<task>/{train,test}.jsonl")
+    parser.add_argument("--model", default=os.environ.get("MSFT_SMOLLM2"), required="MSFT_SMOLLM2" not in os.environ,
+                        help="checkpoint folder in hub layout (default: $MSFT_SMOLLM2)")
+    parser.add_argument("--data", default=os.environ.get("MSFT_SHARED_DATA"),
+                        required="MSFT_SHARED_DATA" not in os.environ, help="DIR/<task>/{train,test}.jsonl, rows in the hub's schema (default: $MSFT_SHARED_DATA)")
     parser.add_argument("--task", default="openbookqa", help="a task with train and test rows in --data")
     parser.add_argument("--n", type=int, default=200, help="questions (the first n test rows)")
     parser.add_argument("--shots", type=int, default=5)
@@ -136,7 +138,7 @@ def main():
         if not (Path(args.data) / args.task / f"{split}.jsonl").is_file():
             parser.error(f"--data/--task: no {Path(args.data) / args.task / f'{split}.jsonl'}")
     if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there (build it with ../shared/tools/get-smollm2.sh)")
+        parser.error(f"--model {args.model}: no config.json there (expected a checkpoint folder in hub layout)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:

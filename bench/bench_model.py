@@ -48,8 +48,8 @@ FLOPS_CONVENTION = ("training step 6*N + 12*L*H*hd*T FLOPs per token, forward 2*
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 # what to run
-parser.add_argument("--model", default=str(Path.home() / ".cache/msft-real/smollm2-135m-instruct"),
-                    help="checkpoint folder in hub layout (default: ../shared/tools/get-smollm2.sh's folder)")
+parser.add_argument("--model", default=os.environ.get("MSFT_SMOLLM2"),
+                    help="checkpoint folder in hub layout (default: $MSFT_SMOLLM2)")
 parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -88,9 +88,8 @@ if args.batch_size != "auto" and int(args.batch_size) < 1:
     parser.error(f"--batch-size {args.batch_size}: expected a positive integer or auto")
 if args.warmup < 1:
     parser.error(f"--warmup {args.warmup}: expected at least 1 (the first step pays for allocation/compilation)")
-if not args.shape and not (Path(args.model) / "config.json").is_file():
-    parser.error(f"--model {args.model}: no config.json there; build it with ../shared/tools/get-smollm2.sh "
-                 "or pass --shape")
+if not args.shape and not (args.model and (Path(args.model) / "config.json").is_file()):
+    parser.error(f"--model {args.model}: no config.json there (a checkpoint folder in hub layout), or pass --shape")
 try:
     import transformers
 except ImportError:

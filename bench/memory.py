@@ -4,8 +4,8 @@
     python bench/memory.py --measure --json out.json # on a GPU: Qwen2.5-0.5B shape at world 1, measured beside the table
 
 What a rank holds while it trains (bytes; N parameters, W ranks, S = W under FSDP, 1 under DDP):
-- weights, gradients, Adam's two moments: 4 + 4 + 8 bytes a parameter with --precision fp32 (fp32 master weights),
-  2 + 2 + 4 with --precision bf16 (the release's pure bf16); each divided by S.
+- weights, gradients, Adam's two moments: 4 + 4 + 8 bytes a parameter with fp32 weights (train.py --precision mixed or
+  fp32), 2 + 2 + 4 with --precision bf16 (the release's pure bf16); each divided by S.
 - compute copies: with fp32 weights the blocks compute in bf16; DDP's autocast keeps a bf16 copy of every weight
   for the step (2 N); FSDP gathers bf16 copies of the root (embedding, head) and about two blocks at a time, plus a
   block's unsharded fp32 gradient before its reduce-scatter.

@@ -2,7 +2,7 @@
 tokens a second and the padded share of one training pass (forward and backward) over the same global batches, for
 ours packed (the default), ours padded (--padded, the release's micro-batches) and transformers padded.
 
-    python data.py prepare --source ../shared/data --out mix
+    python data.py prepare --source DIR --out mix          # DIR/<task>/<split>.jsonl, or --source hub
     python bench/packing.py --model CHECKPOINT --data mix --micro-batch 8 16 32 --steps 2 --json out.json
 
 Each step is a global batch of --batch-size examples drawn as train.py draws them (seed 20), the three variants one
