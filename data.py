@@ -376,9 +376,9 @@ def forward_passes(encoded, rank: int, world: int, micro: int, pad_id: int, pack
     """This rank's forward passes over one step's examples: [(the examples' indices, tensors)]. Padded (the
     release's micro-batches): the examples sorted by length, at most `micro` a pass, each padded to its longest:
     (idx, targets, None, None). Packed: the examples into rows as long as the step's longest, at most `micro` rows a
-    pass: (idx, targets, pos, docs); taken when it runs fewer positions than padded (nearly always at the sizes a
-    GPU wants; a handful of like-length examples pads little anyway), the same choice on every rank. Every rank gets
-    as many passes (micro_batches); one with no example left runs encoded[0] (weigh it 0), as DDP and FSDP need."""
+    pass: (idx, targets, pos, docs); taken when it runs at least a tenth fewer positions (a packed row attends across
+    its whole length, a few percent more work a position: docs/scaling.md), the same choice on every rank. Every
+    rank gets as many passes (micro_batches); one with no example left runs encoded[0] (weigh it 0), as DDP needs."""
     lengths = [len(ids) - 1 for ids, _ in encoded]
     order = sorted(range(len(encoded)), key=lambda j: lengths[j])
     plan = [[[order[j] for j in part] for part in parts] for parts in micro_batches(len(encoded), world, micro)]
@@ -386,7 +386,7 @@ def forward_passes(encoded, rank: int, world: int, micro: int, pad_id: int, pack
         rows = pack(lengths, max(lengths))
         rows_plan = [[[rows[r] for r in part] for part in parts] for parts in micro_batches(len(rows), world, micro)]
         size = lambda plan, n: sum(len(p) * max(map(n, p)) for parts in plan for p in parts if p)  # positions run
-        if size(rows_plan, lambda row: sum(lengths[j] for j in row)) < size(plan, lengths.__getitem__):
+        if 10 * size(rows_plan, lambda row: sum(lengths[j] for j in row)) <= 9 * size(plan, lengths.__getitem__):
             return [([j for row in part for j in row], collate_packed(encoded, part or [[0]], pad_id))
                     for part in rows_plan[rank]]
     return [(part, (*collate([encoded[j] for j in part or [0]], pad_id), None, None)) for part in plan[rank]]

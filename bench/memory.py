@@ -92,7 +92,7 @@ def estimate(cfg, world: int, fsdp: bool, precision: str, checkpointing: bool, m
 
 
 def table(micro_batch: int = 4) -> str:
-    lines = [f"| model | params | world | engine | precision | act. ckpt | weights+grads+Adam | compute copies | "
+    lines = ["| model | params | world | engine | precision | act. ckpt | weights+grads+Adam | compute copies | "
              f"activations | total GB per GPU | fits 80 GB (< 72) | 11 snapshots, host GB per rank |",
              "|---" * 12 + "|"]
     for name, cfg in MODELS.items():
