@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_data.py
 """
 import json
 import math
+import random
 import re
 import time
 from collections import Counter
@@ -343,3 +344,25 @@ def test_collate_packed_lays_each_example_out_whole_with_its_own_positions():
     idx, targets, pos, docs = data.collate_packed(encoded, [[0], [1]], pad_id=0)
     assert idx.tolist() == [[5, 6, 7], [9, 0, 0]] and docs.tolist() == [[0, 0, 0], [1, -1, -1]]
     assert targets.tolist() == [[-100, 7, 8], [10, -100, -100]]
+
+
+def test_a_step_is_packed_only_where_packing_saves_a_tenth_of_the_positions():
+    """One rank: the padded layout runs, per pass of length-sorted examples (cut as micro_batches cuts them), its
+    examples x its longest; the packed one, per pass of rows, its rows x its fullest row. Packed exactly when that
+    is at most 9/10 of padded; either way every example runs once, and the positions are the ones counted."""
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        lengths = [rng.choice([rng.randint(2, 12), rng.randint(40, 60)]) for _ in range(rng.randint(1, 24))]
+        micro = rng.choice([1, 2, 4, 8])
+        encoded = [(list(range(1, n + 2)), [-100] + list(range(2, n + 2))) for n in lengths]  # n positions each
+        cost = lambda sizes: sum(len(p) * max(sizes[i] for i in p) for p in data.micro_batches(len(sizes), 1, micro)[0])
+        padded = cost(sorted(lengths))
+        packed = cost([sum(lengths[j] for j in row) for row in data.pack(lengths, max(lengths))])
+        passes = data.forward_passes(encoded, 0, 1, micro, 0)
+        took_packed = passes[0][1][3] is not None
+        assert took_packed == (10 * packed <= 9 * padded), (lengths, micro)
+        assert sum(t[1][0].numel() for t in passes) == (packed if took_packed else padded)
+        assert sorted(j for part, _ in passes for j in part) == list(range(len(lengths)))
+        seen.add(took_packed)
+    assert seen == {True, False}  # both layouts were taken
