@@ -222,11 +222,11 @@ def test_a_nan_stops_exports_the_last_good_model_and_resumes_with_a_smaller_lr(t
 
 def test_smollm2_finetunes_with_msft_on_real_rows(tmp_path, smollm2, shared_data):
     transformers = pytest.importorskip("transformers")
-    prepare.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy", "openbookqa"], n_train=16, n_selection=4,
+    prepare.prepare(str(shared_data), tmp_path / "mix", tasks=["arc_easy", "openbookqa"], n_train=8, n_selection=4,
                  n_test=4, seed=20)
     args = train.parse_args(["--method", "msft", "--model", str(smollm2), "--data", str(tmp_path / "mix"),
                              "--out", str(tmp_path / "run"), "--max-epochs", "1", "--budget", "0.5",
-                             "--interval", "0.5", "--batch-size", "8", "--micro-batch", "4", "--signal", "loss",
+                             "--interval", "0.5", "--batch-size", "4", "--micro-batch", "4", "--signal", "loss",
                              "--shots", "1", "--max-new-tokens", "8"])
     final = train.train(args, smollm2, tmp_path / "mix")
     assert set(final["scores"]) == {"arc_easy", "openbookqa"}
