@@ -333,11 +333,8 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[to
     """(idx, targets), both (B, T) with T = longest - 1: targets[b, t] is the token after idx[b, :t + 1],
     -100 on prompts and padding (right padding, so causal attention never sees it before a real token)."""
     T = max(len(ids) for ids, _ in encoded) - 1
-    idx = torch.full((len(encoded), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(encoded), T), -100, dtype=torch.long)
-    for b, (ids, labels) in enumerate(encoded):
-        idx[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[b, :len(ids) - 1] = torch.tensor(labels[1:])
+    idx = torch.tensor([ids[:-1] + [pad_id] * (T + 1 - len(ids)) for ids, _ in encoded])
+    targets = torch.tensor([labels[1:] + [-100] * (T + 1 - len(labels)) for _, labels in encoded])
     return idx, targets
 
 

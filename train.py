@@ -253,7 +253,7 @@ class Run:
         self.flops.train(real)
         self.epoch = self.segment[1] + self.segment[2] / self.sampler.size
         per_task = {t: [sum(x for (u, _), x in zip(batch, v) if u == t) for v in (ex, n_answer, [1] * len(ex))]
-                    for t, _ in sorted(batch)}  # summed loss, answer tokens, examples
+                    for t in sorted({t for t, _ in batch})}  # summed loss, answer tokens, examples
         self.log({"event": "train", "epoch": round(self.epoch, 6), "examples": len(batch), "loss": loss,
                   "task_loss": {t: s / n for t, (s, n, _) in per_task.items()}, "lr": self.args.lr,
                   "task_examples": {t: k for t, (_, _, k) in per_task.items()}, "tokens": int(real),
