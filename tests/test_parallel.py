@@ -128,10 +128,10 @@ def test_fsdp_kill_at_a_random_evaluation_then_resume(tmp_path, demo, runs):
 
 
 def test_activation_checkpointing_changes_no_loss(tmp_path, demo):
-    finish(launch(tmp_path / "plain", demo, 1, "--max-epochs", "1", method="sft"),
-           launch(tmp_path / "ac", demo, 1, "--max-epochs", "1", "--activation-checkpointing", method="sft"))
+    finish(launch(tmp_path / "plain", demo, 1, "--max-epochs", "0.5", method="sft"),
+           launch(tmp_path / "ac", demo, 1, "--max-epochs", "0.5", "--activation-checkpointing", method="sft"))
     a, b = ([e["loss"] for e in read_log(tmp_path / d) if e["event"] == "train"] for d in ("plain", "ac"))
-    assert len(a) == len(b) > 100
+    assert len(a) == len(b) > 50  # half an epoch of the demo: 53 steps
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
 
 
